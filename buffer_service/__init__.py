@@ -1,0 +1,1 @@
+"""Replay service: chunk codec, shard storage, rate limiting (issue #3)."""
