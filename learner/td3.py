@@ -247,7 +247,9 @@ class TD3Learner:
             else:
                 actor_features = critic_features
             policy_action = self.actor.head(actor_features, obs_vector)
-            actor_loss = -self.critic.heads.q1_only(critic_features, obs_vector, policy_action).mean()
+            actor_loss = -self.critic.heads.q1_only(
+                critic_features, obs_vector, policy_action
+            ).mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
             actor_pre, actor_post = _clip_and_measure(self._actor_params, cfg.actor_max_grad_norm)

@@ -79,16 +79,23 @@ class LearnerConfig(_Section):
         2, ge=1, description="Critic updates per actor and target update (TD3's d)."
     )
     actor_max_grad_norm: float | None = Field(
-        10.0, gt=0, description="Clip of the actor's (incl. its encoder) gradient L2 norm; "
-        "null disables clipping."
+        10.0,
+        gt=0,
+        description="Clip of the actor's (incl. its encoder) gradient L2 norm; "
+        "null disables clipping.",
     )
     critic_max_grad_norm: float | None = Field(
-        10.0, gt=0, description="Clip of the critic's (incl. its encoder) gradient L2 norm; "
-        "null disables clipping."
+        10.0,
+        gt=0,
+        description="Clip of the critic's (incl. its encoder) gradient L2 norm; "
+        "null disables clipping.",
     )
     random_shift_pad: int = Field(
-        4, ge=0, le=16, description="DrQ random-shift augmentation of obs and next_obs "
-        "images by up to this many pixels (edge-replicated); 0 disables it."
+        4,
+        ge=0,
+        le=16,
+        description="DrQ random-shift augmentation of obs and next_obs "
+        "images by up to this many pixels (edge-replicated); 0 disables it.",
     )
     seed: int = Field(0, ge=0, description="Seed of network init, target noise and augmentation.")
 
