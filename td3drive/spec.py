@@ -74,15 +74,15 @@ def observation_space() -> gym.spaces.Dict:
     """
     return gym.spaces.Dict(
         {
-            "image": gym.spaces.Box(0, 255, IMAGE_SHAPE, dtype=IMAGE_DTYPE),
-            "vector": gym.spaces.Box(-np.inf, np.inf, VECTOR_SHAPE, dtype=VECTOR_DTYPE),
+            "image": gym.spaces.Box(0, 255, IMAGE_SHAPE, dtype=np.uint8),
+            "vector": gym.spaces.Box(-np.inf, np.inf, VECTOR_SHAPE, dtype=np.float32),
         }
     )
 
 
 def action_space() -> gym.spaces.Box:
     """``Box(-1, 1, (2,), float32)``: ``[steer, throttle_brake]``."""
-    return gym.spaces.Box(ACTION_LOW, ACTION_HIGH, ACTION_SHAPE, dtype=ACTION_DTYPE)
+    return gym.spaces.Box(ACTION_LOW, ACTION_HIGH, ACTION_SHAPE, dtype=np.float32)
 
 
 class SpecError(ValueError):

@@ -1,0 +1,61 @@
+"""The console script, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "td3drive.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "bench" in result.stdout
+    result = run_cli("bench", "learner", "--help")
+    assert result.returncode == 0
+    assert "overhead_ratio" in result.stdout
+
+
+def test_bench_learner_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench" / "learner.json"
+    result = run_cli(
+        "bench",
+        "learner",
+        "--batch-size",
+        "4",
+        "--updates",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(result.stdout)
+    assert report["device"] == "cpu"
+    rows = {(r["encoder"], r["batch_size"]) for r in report["results"]}
+    assert rows == {("separate", 4), ("shared", 4)}
+    assert {(r["encoder"], r["batch_size"]) for r in report["reference_updates_per_s"]} == rows
+    assert all(r["updates_per_s"] > 0 for r in report["results"])
+    separate = next(r for r in report["results"] if r["encoder"] == "separate")
+    reference = next(r for r in report["reference_updates_per_s"] if r["encoder"] == "separate")
+    assert report["overhead_ratio"] == separate["updates_per_s"] / reference["updates_per_s"]
+    assert "ratio" in result.stderr  # progress lines go to stderr
+
+
+def test_bad_arguments_fail_with_usage() -> None:
+    result = run_cli("bench", "learner", "--updates", "0")
+    assert result.returncode == 2
+    assert "must be >= 1" in result.stderr

@@ -1,0 +1,88 @@
+"""Configuration: validation errors name the field, and YAML values reach the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.td3 import TD3Learner
+from td3drive import metric_names as M
+from td3drive.config import ConfigError, LearnerConfig, load_config
+from tests.conftest import random_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_local_config_validates() -> None:
+    config = load_config(REPO / "deploy" / "local.yaml")
+    assert config.learner.encoder == "separate"
+    assert config.learner.actor_lr == 1e-4
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_values_reach_the_learner(tmp_path: Path) -> None:
+    # Acme's TD3 builder once dropped `delay` and `tau` silently; pin both.
+    path = _write(
+        tmp_path,
+        "learner:\n  tau: 0.25\n  policy_delay: 3\n  features_dim: 32\n"
+        "  actor_hidden: [16]\n  critic_hidden: [16]\n  random_shift_pad: 0\n  device: cpu\n",
+    )
+    learner = TD3Learner(load_config(path).learner)
+    batch = random_batch()
+    flags = [learner.update(batch)[M.ACTOR_UPDATED] for _ in range(2)]
+    assert flags == [0.0, 0.0]
+    old = {k: v.clone() for k, v in learner.target_actor_head.state_dict().items()}
+    assert learner.update(batch)[M.ACTOR_UPDATED] == 1.0
+    online = learner.actor.head.state_dict()
+    for name, value in learner.target_actor_head.state_dict().items():
+        expected = old[name] + 0.25 * (online[name] - old[name])
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+
+
+def test_overrides_apply_and_parse_as_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner:\n  tau: 0.01\n")
+    config = load_config(path, ["learner.tau=0.02", "learner.actor_hidden=[64, 64]"])
+    assert config.learner.tau == 0.02
+    assert config.learner.actor_hidden == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learner:\n  tua: 0.01\n", r"learner\.tua"),
+        ("learner:\n  tau: fast\n", r"learner\.tau"),
+        ("learner:\n  tau: 2.0\n", r"learner\.tau"),
+        ("learner:\n  encoder: both\n", r"learner\.encoder"),
+        ("learner:\n  encoder: frozen\n  encoder_lr: 0.001\n", "encoder_lr"),
+        ("learnr: {}\n", "learnr"),
+        ("learner: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "mapping"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(_write(tmp_path, text))
+    assert "run.yaml" in str(error.value)
+
+
+def test_missing_file_and_bad_override(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    path = _write(tmp_path, "")
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        load_config(path, ["tau"])
+    with pytest.raises(ConfigError, match=r"learner\.policy_delay"):
+        load_config(path, ["learner.policy_delay=0"])
+
+
+def test_config_is_frozen() -> None:
+    config = LearnerConfig()
+    with pytest.raises(ValueError, match="frozen"):
+        config.tau = 0.1  # type: ignore[misc]
