@@ -13,8 +13,10 @@ made by copying an :class:`Actor` or :class:`Critic` includes its encoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -184,3 +186,27 @@ def build_policy(features_dim: int, actor_hidden: Sequence[int], cnn: str = "nat
     """A freshly initialised :class:`Actor`, the shape a rollout worker loads
     :meth:`learner.td3.TD3Learner.policy_weights` into."""
     return Actor(build_encoder(features_dim, cnn), ActorHead(features_dim, actor_hidden))
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without the warning for read-only arrays.
+
+    Arrays that come out of Ray's object store are read-only views (zero-copy);
+    the tensor shares their memory and must never be written in place, which
+    none of td3drive's code does (``normalize_image`` and ``random_shift``
+    return new tensors).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def load_policy_weights(policy: Actor, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy published policy weights (``TD3Learner.policy_weights()[1]``) into
+    ``policy``.
+
+    Raises:
+        RuntimeError: missing or unexpected keys, or a shape mismatch (from
+            ``load_state_dict``): the weights belong to another architecture.
+    """
+    policy.load_state_dict({name: read_only_tensor(value) for name, value in weights.items()})

@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from learner.augmentation import random_shift
-from learner.networks import Actor, ActorHead, Critic, TwinQHead, build_encoder
+from learner.networks import (
+    Actor,
+    ActorHead,
+    Critic,
+    TwinQHead,
+    build_encoder,
+    read_only_tensor,
+)
 from td3drive import metric_names as M
 from td3drive.config import LearnerConfig
 from td3drive.spec import Batch
@@ -332,7 +339,7 @@ class TD3Learner:
         def put(array: np.ndarray | None) -> torch.Tensor | None:
             if array is None:
                 return None
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
+            return read_only_tensor(array).to(self.device, non_blocking=True)
 
         return (
             put(batch.obs_image),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.networks import build_policy
+from learner.networks import build_policy, load_policy_weights
 from learner.td3 import CheckpointError, NonFiniteLossError, TD3Learner
 from td3drive import metric_names as M
 from td3drive.config import LearnerConfig
@@ -532,7 +532,7 @@ def test_policy_weights_load_into_a_worker_policy(mode: str, batch: Batch) -> No
     policy = build_policy(SMALL["features_dim"], SMALL["actor_hidden"])  # type: ignore[arg-type]
     assert set(weights) == set(policy.state_dict())
     assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in weights.values())
-    policy.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    load_policy_weights(policy, weights)
     image, vector = torch.from_numpy(batch.obs_image), torch.from_numpy(batch.obs_vector)
     with torch.no_grad():
         assert torch.equal(policy(image, vector), learner.actor(image, vector))
