@@ -23,9 +23,10 @@ This module imports torch and the shared contracts only: no Ray.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,11 @@ from td3drive.config import LearnerConfig
 from td3drive.spec import Batch
 
 CHECKPOINT_FORMAT = "td3drive.learner/1"
+
+_LOSS_AND_NORM_KEYS = {
+    "critic": (M.CRITIC_LOSS, M.CRITIC_GRAD_NORM_PRECLIP),
+    "actor": (M.ACTOR_LOSS, M.ACTOR_GRAD_NORM_PRECLIP),
+}
 
 # Fields that fix the shape of the networks: a checkpoint only loads into a
 # learner whose config agrees on them.
@@ -185,6 +191,7 @@ class TD3Learner:
                 else actor_init
             ),
         }
+        self._encoder_init_norm = self._init_norms()
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(config.seed)
 
@@ -231,16 +238,15 @@ class TD3Learner:
         critic_loss = (squared_errors if weight is None else weight * squared_errors).mean()
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
-        critic_pre, critic_post = _clip_and_measure(self._critic_params, cfg.critic_max_grad_norm)
         values: dict[str, torch.Tensor] = {
             M.CRITIC_LOSS: critic_loss.detach(),
             M.Q1_MEAN: q1.detach().mean(),
             M.Q2_MEAN: q2.detach().mean(),
             M.TARGET_Q_MEAN: target_q.mean(),
-            M.CRITIC_GRAD_NORM_PRECLIP: critic_pre,
-            M.CRITIC_GRAD_NORM_POSTCLIP: critic_post,
         }
-        self._raise_if_not_finite("critic", values, (M.CRITIC_LOSS, M.CRITIC_GRAD_NORM_PRECLIP))
+        values[M.CRITIC_GRAD_NORM_PRECLIP], values[M.CRITIC_GRAD_NORM_POSTCLIP] = (
+            self._checked_clip("critic", values, self._critic_params, cfg.critic_max_grad_norm)
+        )
         self.critic_optimizer.step()
 
         if actor_step:
@@ -259,11 +265,10 @@ class TD3Learner:
             ).mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
-            actor_pre, actor_post = _clip_and_measure(self._actor_params, cfg.actor_max_grad_norm)
             values[M.ACTOR_LOSS] = actor_loss.detach()
-            values[M.ACTOR_GRAD_NORM_PRECLIP] = actor_pre
-            values[M.ACTOR_GRAD_NORM_POSTCLIP] = actor_post
-            self._raise_if_not_finite("actor", values, (M.ACTOR_LOSS, M.ACTOR_GRAD_NORM_PRECLIP))
+            values[M.ACTOR_GRAD_NORM_PRECLIP], values[M.ACTOR_GRAD_NORM_POSTCLIP] = (
+                self._checked_clip("actor", values, self._actor_params, cfg.actor_max_grad_norm)
+            )
             self.actor_optimizer.step()
             self._polyak_update()
 
@@ -380,8 +385,14 @@ class TD3Learner:
         init = self._encoder_init[which]
         diffs = torch._foreach_sub(list(encoder.parameters()), init)
         change = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)))
-        scale = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(init)))
-        return change / scale
+        return change / self._encoder_init_norm[which]
+
+    @torch.no_grad()
+    def _init_norms(self) -> dict[str, torch.Tensor]:
+        return {
+            which: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(init)))
+            for which, init in self._encoder_init.items()
+        }
 
     def _learning_rates(self) -> dict[str, float]:
         rates = {}
@@ -394,14 +405,38 @@ class TD3Learner:
                 rates[key] = float(group["lr"])
         return rates
 
-    def _raise_if_not_finite(
-        self, network: str, values: Mapping[str, torch.Tensor], keys: Iterable[str]
-    ) -> None:
-        checked = torch.stack([values[k] for k in keys])
-        if not bool(torch.isfinite(checked).all()):
-            raise NonFiniteLossError(
-                network, self.updates + 1, {k: float(v) for k, v in values.items()}
-            )
+    def _checked_clip(
+        self,
+        network: str,
+        values: Mapping[str, torch.Tensor],
+        params: list[torch.Tensor],
+        max_norm: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the loss and gradients of ``network`` and clip its gradient norm.
+
+        Returns ``(norm before clipping, norm after clipping)``, both global L2
+        over ``params``. The first is what ``clip_grad_norm_`` would return;
+        the second is measured on the clipped gradients, not derived, so the
+        metric would show a clipping bug. Gradients are rescaled only when the
+        norm exceeds ``max_norm`` (``clip_grad_norm_`` multiplies them by 1.0
+        otherwise); ``max_norm=None`` never clips. One host sync per call.
+
+        Raises:
+            NonFiniteLossError: the network's loss (taken from ``values``) or the
+                gradient norm is NaN/inf; nothing has been stepped.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        pre = torch.nn.utils.get_total_norm(grads)
+        loss_key, norm_key = _LOSS_AND_NORM_KEYS[network]
+        loss_value, pre_value = torch.stack([values[loss_key], pre]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(pre_value)):
+            diagnostics = {k: float(v) for k, v in values.items()}
+            diagnostics[norm_key] = pre_value
+            raise NonFiniteLossError(network, self.updates + 1, diagnostics)
+        if max_norm is None or pre_value <= max_norm:
+            return pre, pre
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, pre)
+        return pre, torch.nn.utils.get_total_norm(grads)
 
     # ------------------------------------------------------------- publishing
     def policy_weights(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -471,6 +506,7 @@ class TD3Learner:
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         for key, tensors in state["encoder_init"].items():
             self._encoder_init[key] = [t.to(self.device) for t in tensors]
+        self._encoder_init_norm = self._init_norms()
         self._generator.set_state(state["generator"].cpu())
         self.updates = int(state["updates"])
 
@@ -549,21 +585,3 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
-
-
-def _clip_and_measure(
-    params: list[torch.Tensor], max_norm: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip the global gradient L2 norm of ``params`` to ``max_norm`` (or not,
-    when ``None``) and return ``(norm before clipping, norm after clipping)``.
-
-    The first is what ``clip_grad_norm_`` returns; the second is measured on
-    the clipped gradients, not derived, so the metric can catch a clipping bug.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if max_norm is None:
-        norm = torch.nn.utils.get_total_norm(grads)
-        return norm, norm
-    pre = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    post = torch.nn.utils.get_total_norm(grads)
-    return pre, post

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch sizes to measure",
     )
     learner.add_argument(
-        "--updates", type=_positive_int, default=20, help="timed updates per row and side"
+        "--updates", type=_positive_int, default=32, help="timed updates per row and side"
     )
     learner.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
     learner.set_defaults(handler=_bench_learner)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench_learner(args: argparse.Namespace) -> int:
     from learner.benchmark import run_learner_benchmark
 
-    rounds = min(4, args.updates)
+    rounds = min(16, args.updates)
     print(
         f"bench learner: device={args.device} batch sizes={args.batch_size} "
         f"updates={args.updates} per row and side (interleaved in {rounds} rounds)",
