@@ -14,6 +14,7 @@ measures ours with DrQ random shift, to show what it costs.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import platform
 import time
@@ -113,8 +114,6 @@ class ReferenceTD3:
 
 
 def _copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
