@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from learner.networks import (
     read_only_tensor,
 )
 from td3drive import metric_names as M
+from td3drive.atomic_file import atomic_write
 from td3drive.config import LearnerConfig
 from td3drive.spec import Batch
 
@@ -538,30 +537,12 @@ class TD3Learner:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` via a temp file + fsync + ``os.replace``.
+    """``torch.save`` to ``path`` atomically (:func:`td3drive.atomic_file.atomic_write`).
 
     Raises:
-        OSError: on any write failure; the temp file is removed and an
-            existing file at ``path`` is left as it was.
+        OSError: on any write failure; an existing file at ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -5,8 +5,8 @@ description that gives its unit or range. Unknown keys and wrong types are
 errors that name the field. The YAML files in ``deploy/`` carry the evidence
 for their values in comments.
 
-Only the learner section exists so far; the replay, rollout and driver
-sections join it as those services land.
+The learner and replay sections exist so far; the rollout and driver
+sections join them as those services land.
 """
 
 from __future__ import annotations
@@ -106,10 +106,82 @@ class LearnerConfig(_Section):
         return self
 
 
+class ReplayConfig(_Section):
+    """The sharded replay service (DESIGN.md §4). Sizes are totals over all
+    shards; each shard gets ``ceil(total / num_shards)``."""
+
+    num_shards: int = Field(2, ge=1, description="Replay shards (Ray actors).")
+    capacity_transitions: int = Field(
+        200_000, ge=1, description="Most transitions held, all shards together."
+    )
+    capacity_bytes: int = Field(
+        2_000_000_000,
+        ge=1,
+        description="Most bytes held, all shards together (~1.2 KB per transition "
+        "on simulator frames, see `td3drive bench replay`).",
+    )
+    chunk_steps: int = Field(
+        64, ge=1, le=4096, description="Steps per chunk a rollout worker pushes (K)."
+    )
+    n_step: int = Field(1, ge=1, description="n of the n-step return.")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor in [0, 1].")
+    min_size_to_sample: int = Field(
+        2_000, ge=1, description="Transitions inserted (all shards) before the first sample."
+    )
+    replay_ratio: float | None = Field(
+        64.0,
+        gt=0,
+        description="Target sampled transitions per inserted transition (e.g. 64 = one "
+        "update of batch 256 per 4 env steps); the side that is ahead waits. null = "
+        "no ratio, only min_size_to_sample.",
+    )
+    replay_ratio_tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Allowed deviation from the ratio per shard, in sampled transitions; "
+        "null = learner.batch_size + replay_ratio x chunk_steps (twice the least that "
+        "cannot deadlock).",
+    )
+    rate_limit_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a blocked insert or sample waits before it fails."
+    )
+    max_pushes_in_flight: int = Field(
+        4, ge=1, description="Pushes a worker may have outstanding before it waits."
+    )
+    prefetch_batches: int = Field(2, ge=1, description="Sampled batches the learner keeps ready.")
+    prioritized: bool = Field(False, description="Proportional prioritized replay.")
+    priority_alpha: float = Field(0.6, ge=0, description="PER exponent alpha.")
+    priority_beta: float = Field(0.4, ge=0, description="PER importance exponent beta.")
+    priority_eps: float = Field(1e-6, gt=0, description="Added to |TD error|.")
+
+    def per_shard(self, total: int) -> int:
+        """``ceil(total / num_shards)``."""
+        return -(-total // self.num_shards)
+
+    def tolerance_for(self, batch_size: int) -> float:
+        """Per-shard tolerance, resolving ``null`` to its documented default."""
+        if self.replay_ratio_tolerance is not None:
+            return self.replay_ratio_tolerance
+        ratio = self.replay_ratio or 0.0
+        return batch_size + ratio * self.chunk_steps
+
+
 class TD3DriveConfig(_Section):
     """The whole run configuration, as one YAML file describes it."""
 
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TD3DriveConfig:
+        if self.learner.batch_size > self.replay.min_size_to_sample:
+            raise ValueError(
+                f"learner.batch_size ({self.learner.batch_size}) exceeds "
+                f"replay.min_size_to_sample ({self.replay.min_size_to_sample})"
+            )
+        if self.replay.chunk_steps > self.replay.per_shard(self.replay.capacity_transitions):
+            raise ValueError("replay.chunk_steps exceeds one shard's capacity_transitions")
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,273 @@
+"""Replay shards as Ray actors, and the clients both sides use.
+
+This is the only module of ``buffer_service/`` that imports Ray.
+
+* :func:`remote_shard_class`: :class:`ReplayShard` as a *threaded* actor, so a
+  call blocked by the rate limiter waits in its own thread while other calls
+  (samples, stats, snapshots) proceed.
+* :class:`ReplayWriter` (rollout workers): round-robin pushes with at most
+  ``max_in_flight`` outstanding; when the shards are slow or the rate limiter
+  holds inserts back, ``push`` waits instead of queueing payloads in memory.
+* :class:`ReplaySampler` (learner): samples every shard in parallel,
+  proportionally to their sizes, into a bounded prefetch queue filled by a
+  background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+
+from buffer_service.codec import CodecError
+from buffer_service.shard import ReplayShard
+from buffer_service.storage import SampledBatch
+from td3drive.spec import Batch
+
+log = logging.getLogger(__name__)
+
+
+def remote_shard_class(max_concurrency: int = 16, num_cpus: float = 1.0) -> Any:
+    """``ReplayShard`` as a threaded Ray actor class that Ray restarts when it
+    dies (the restarted shard reloads its last snapshot from ``snapshot_dir``).
+
+    Returns:
+        The actor class; ``.remote(config, batch_size, shard_index, snapshot_dir)``.
+    """
+    # Ray's stubs omit max_concurrency, an actor option.
+    return ray.remote(  # type: ignore[call-overload]
+        num_cpus=num_cpus, max_concurrency=max_concurrency, max_restarts=-1
+    )(ReplayShard)
+
+
+class ReplayWriter:
+    """Pushes encoded chunks to shards round-robin with bounded in-flight pushes.
+
+    Args:
+        shards: shard actor handles.
+        max_in_flight: pushes outstanding at most; ``push`` waits beyond it.
+        first_shard: where the round-robin starts (spread workers over shards).
+
+    Attributes:
+        pushed, rejected: payloads sent, and refused by a shard as invalid.
+        wait_s_total: seconds ``push`` spent waiting for a free slot.
+    """
+
+    def __init__(self, shards: Sequence[Any], max_in_flight: int = 4, first_shard: int = 0) -> None:
+        if not shards:
+            raise ValueError("ReplayWriter needs at least one shard")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self._shards = list(shards)
+        self._next = first_shard % len(self._shards)
+        self.max_in_flight = max_in_flight
+        self._in_flight: list[ray.ObjectRef] = []
+        self.pushed = 0
+        self.rejected = 0
+        self.wait_s_total = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def push(self, payload: bytes, timeout_s: float | None = None) -> None:
+        """Send one payload; first wait (up to ``timeout_s``) while
+        ``max_in_flight`` pushes are outstanding.
+
+        Raises:
+            TimeoutError: no slot freed within ``timeout_s``.
+            ray.exceptions.RayTaskError: a shard failed for a reason other
+                than an invalid payload (e.g. a rate-limiter timeout).
+        """
+        start = time.monotonic()
+        while len(self._in_flight) >= self.max_in_flight:
+            remaining = None if timeout_s is None else start + timeout_s - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no push slot freed within {timeout_s:g} s")
+            self._reap(remaining)
+        self.wait_s_total += time.monotonic() - start
+        shard = self._shards[self._next]
+        self._next = (self._next + 1) % len(self._shards)
+        self._in_flight.append(shard.insert.remote(payload))
+        self.pushed += 1
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every push has been acknowledged.
+
+        Raises:
+            TimeoutError: pushes still outstanding after ``timeout_s``.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._in_flight:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{len(self._in_flight)} pushes outstanding after {timeout_s} s")
+            self._reap(remaining)
+
+    def _reap(self, timeout: float | None) -> None:
+        ready, self._in_flight = ray.wait(self._in_flight, num_returns=1, timeout=timeout)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayTaskError as exc:
+                if isinstance(exc.cause, CodecError):
+                    self.rejected += 1
+                    log.warning("replay shard rejected a chunk: %s", exc.cause)
+                else:
+                    raise
+
+
+@dataclass(frozen=True)
+class ShardedSample:
+    """A batch drawn from several shards.
+
+    Attributes:
+        sampled: the concatenated batch, ids and policy versions.
+        shard_index: ``int64[B]``, the shard each sample came from.
+    """
+
+    sampled: SampledBatch
+    shard_index: np.ndarray
+
+
+def split_proportionally(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` samples over shards in proportion to ``sizes``
+    (largest remainder); equally when all sizes are 0."""
+    weights = np.asarray(sizes, dtype=np.float64)
+    if weights.sum() <= 0:
+        weights = np.ones(len(sizes))
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(int)
+    for index in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[index] += 1
+    return counts.tolist()
+
+
+class ReplaySampler:
+    """Keeps up to ``prefetch`` ready batches, each sampled from all shards in
+    parallel in proportion to their sizes.
+
+    Args:
+        shards: shard actor handles.
+        batch_size: transitions per batch.
+        prefetch: batches kept ready (queue bound).
+        timeout_s: how long :meth:`next` waits for a batch before raising.
+    """
+
+    def __init__(
+        self, shards: Sequence[Any], batch_size: int, prefetch: int = 2, timeout_s: float = 600.0
+    ) -> None:
+        self._shards = list(shards)
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        self._queue: queue.Queue[ShardedSample | BaseException] = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def next(self) -> ShardedSample:
+        """The next batch (starts the prefetch thread on first use).
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout_s``.
+            Exception: whatever sampling raised in the background (e.g. a
+                shard's ``RateLimiterTimeout``), re-raised here.
+        """
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._fill, name="replay-prefetch", daemon=True)
+            self._thread.start()
+        try:
+            item = self._queue.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no replay batch within {self.timeout_s:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        self.batches += 1
+        return item
+
+    def update_priorities(self, sample: ShardedSample, td_errors: np.ndarray) -> None:
+        """Send new priorities to the shards the samples came from (fire and forget)."""
+        for index, shard in enumerate(self._shards):
+            mask = sample.shard_index == index
+            if mask.any():
+                shard.update_priorities.remote(sample.sampled.ids[mask], td_errors[mask])
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        self._stop.set()
+        while True:  # unblock a put() waiting for room
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item: ShardedSample | BaseException = self._sample_once()
+            except BaseException as exc:  # surfaced to the caller of next()
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def _sample_once(self) -> ShardedSample:
+        try:
+            sizes = ray.get([s.size.remote() for s in self._shards], timeout=self.timeout_s)
+            counts = split_proportionally(self.batch_size, sizes)
+            refs = [
+                (index, self._shards[index].sample.remote(count))
+                for index, count in enumerate(counts)
+                if count > 0
+            ]
+            parts = ray.get([ref for _, ref in refs], timeout=self.timeout_s)
+        except GetTimeoutError as exc:
+            raise TimeoutError(f"replay shards did not answer within {self.timeout_s:g} s") from exc
+        except RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+        return ShardedSample(
+            sampled=concatenate([p for p in parts]),
+            shard_index=np.concatenate(
+                [
+                    np.full(p.ids.shape[0], index, np.int64)
+                    for (index, _), p in zip(refs, parts, strict=True)
+                ]
+            ),
+        )
+
+
+def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
+    """Join samples from several shards into one."""
+    if len(parts) == 1:
+        return parts[0]
+    batches = [p.batch for p in parts]
+    fields = {
+        name: np.concatenate([getattr(b, name) for b in batches])
+        for name in batches[0].arrays()
+        if name != "weight"
+    }
+    weights = [b.weight for b in batches]
+    weight = None
+    if all(w is not None for w in weights):
+        joined = np.concatenate([w for w in weights if w is not None])
+        weight = (joined / joined.max()).astype(np.float32)
+    return SampledBatch(
+        batch=Batch(**fields, weight=weight),
+        ids=np.concatenate([p.ids for p in parts]),
+        policy_versions=np.concatenate([p.policy_versions for p in parts]),
+    )

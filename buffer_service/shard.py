@@ -1,0 +1,245 @@
+"""One replay shard: codec + storage + rate limiter + snapshots, thread-safe.
+
+A plain class. :mod:`buffer_service.ray_actor` runs it as a threaded Ray
+actor, where a blocked ``insert`` or ``sample`` waits in its own thread on a
+condition variable while other calls go on; tests drive it in-process with
+threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from buffer_service.codec import CodecError, decode
+from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
+from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
+from buffer_service.storage import ReplayStorage, SampledBatch
+from td3drive.config import ReplayConfig
+
+
+class ReplayShard:
+    """A shard of the replay service.
+
+    Args:
+        config: the replay section; capacities and ``min_size_to_sample`` are
+            split evenly over ``config.num_shards``.
+        batch_size: the learner's batch size: the largest sample asked of
+            one shard (sizes the rate limiter's deadlock-free tolerance).
+        shard_index: this shard's index, for messages and stats.
+        snapshot_dir: where :meth:`save` writes; when it holds a complete
+            snapshot the shard starts from it.
+        seed: sampling seed (offset by ``shard_index``).
+
+    Raises:
+        ValueError: a tolerance too small for ``batch_size`` and ``chunk_steps``.
+        buffer_service.snapshot.SnapshotError: ``snapshot_dir`` holds a
+            damaged snapshot with a valid done marker.
+    """
+
+    def __init__(
+        self,
+        config: ReplayConfig,
+        batch_size: int,
+        shard_index: int = 0,
+        snapshot_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.shard_index = shard_index
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self._storage = ReplayStorage(
+            capacity_transitions=config.per_shard(config.capacity_transitions),
+            capacity_bytes=config.per_shard(config.capacity_bytes),
+            n_step=config.n_step,
+            gamma=config.gamma,
+            prioritized=config.prioritized,
+            priority_alpha=config.priority_alpha,
+            priority_beta=config.priority_beta,
+            priority_eps=config.priority_eps,
+            seed=seed + shard_index,
+        )
+        self._limiter = RateLimiter(
+            min_size_to_sample=config.per_shard(config.min_size_to_sample),
+            ratio=config.replay_ratio,
+            tolerance=config.tolerance_for(batch_size),
+            max_sample=batch_size,
+            max_insert=config.chunk_steps,
+        )
+        self._cond = threading.Condition()
+        self.policy_version = 0
+        self._counters: dict[str, float] = {
+            "rejected_payloads": 0,
+            "insert_wait_s_total": 0.0,
+            "sample_wait_s_total": 0.0,
+            "insert_timeouts": 0,
+            "sample_timeouts": 0,
+            "snapshots_written": 0,
+        }
+        self.restored_from: str | None = None
+        if self.snapshot_dir is not None:
+            self.restore(self.snapshot_dir)
+
+    # ------------------------------------------------------------ writing
+    def insert(self, payload: bytes) -> dict[str, int]:
+        """Decode, validate and store one chunk, waiting while collection is
+        ahead of the target replay ratio.
+
+        Returns:
+            ``{"size": transitions held, "evicted": chunks evicted}``.
+
+        Raises:
+            CodecError: the payload is invalid or longer than ``chunk_steps``;
+                nothing was inserted (counted in ``rejected_payloads``).
+            RateLimiterTimeout: waited ``rate_limit_timeout_s`` without a
+                sample making room; nothing was inserted.
+        """
+        try:
+            chunk = decode(payload)
+            if chunk.num_steps > self.config.chunk_steps:
+                raise CodecError(
+                    f"chunk of {chunk.num_steps} steps exceeds replay.chunk_steps "
+                    f"({self.config.chunk_steps})"
+                )
+        except CodecError:
+            with self._cond:
+                self._counters["rejected_payloads"] += 1
+            raise
+        steps = chunk.num_steps
+        with self._cond:
+            self._wait(lambda: self._limiter.can_insert(steps), "insert")
+            evicted = self._storage.insert(chunk)
+            self._limiter.record_insert(steps)
+            self.policy_version = max(self.policy_version, int(chunk.versions.max()))
+            self._cond.notify_all()
+            return {"size": self._storage.size, "evicted": evicted}
+
+    # ------------------------------------------------------------ sampling
+    def sample(self, batch_size: int) -> SampledBatch:
+        """Sample ``batch_size`` transitions, waiting until
+        ``min_size_to_sample`` is reached and while the learner is ahead of
+        the target replay ratio.
+
+        Raises:
+            RateLimiterTimeout: waited ``rate_limit_timeout_s``.
+            ValueError: ``batch_size < 1``.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        with self._cond:
+            self._wait(lambda: self._limiter.can_sample(batch_size), "sample")
+            sampled = self._storage.sample(batch_size)
+            self._limiter.record_sample(batch_size)
+            self._cond.notify_all()
+            return sampled
+
+    def update_priorities(self, ids: np.ndarray, td_errors: np.ndarray) -> int:
+        """See :meth:`buffer_service.storage.ReplayStorage.update_priorities`."""
+        with self._cond:
+            return self._storage.update_priorities(ids, td_errors)
+
+    def _wait(self, allowed: Callable[[], bool], side: str) -> None:
+        if allowed():
+            return
+        timeout = self.config.rate_limit_timeout_s
+        start = time.monotonic()
+        try:
+            while not allowed():
+                remaining = start + timeout - time.monotonic()
+                if remaining <= 0:
+                    self._counters[f"{side}_timeouts"] += 1
+                    raise RateLimiterTimeout(
+                        f"replay shard {self.shard_index}: {side} waited {timeout:g} s for "
+                        f"the {'learner' if side == 'insert' else 'rollout workers'} "
+                        f"({self._limiter.describe()}, size={self._storage.size})"
+                    )
+                self._cond.wait(remaining)
+        finally:
+            self._counters[f"{side}_wait_s_total"] += time.monotonic() - start
+
+    # ------------------------------------------------------------ inspect
+    def size(self) -> int:
+        """Transitions held."""
+        with self._cond:
+            return self._storage.size
+
+    def stats(self) -> dict[str, Any]:
+        """Size, bytes, compression, counters, waits and rate-limiter state."""
+        with self._cond:
+            return {
+                "shard": self.shard_index,
+                **self._storage.stats(),
+                **self._counters,
+                "rate_limiter_inserted": self._limiter.inserted,
+                "rate_limiter_sampled": self._limiter.sampled,
+                "rate_limiter_debt": self._limiter.debt,
+                "policy_version": self.policy_version,
+            }
+
+    # ------------------------------------------------------------ snapshots
+    def save(self, directory: str | Path | None = None) -> str:
+        """Write a snapshot atomically; inserts and samples wait only while
+        the chunk list and counters are copied, not while the file is written.
+
+        Returns:
+            The snapshot's data file path.
+
+        Raises:
+            ValueError: no directory given and none configured.
+            OSError: the write failed; the previous snapshot is intact.
+        """
+        directory = Path(directory) if directory is not None else self.snapshot_dir
+        if directory is None:
+            raise ValueError("save() needs a directory (none was configured)")
+        with self._cond:
+            state = SnapshotState(
+                header={
+                    "shard": self.shard_index,
+                    "next_id": self._storage.next_id,
+                    "storage_counters": dict(self._storage.counters),
+                    "rate_limiter": self._limiter.state(),
+                    "policy_version": self.policy_version,
+                    "max_priority": self._storage.max_priority,
+                    "counters": dict(self._counters),
+                },
+                chunks=self._storage.chunks(),
+                priorities=self._storage.priorities_of_live(),
+            )
+        path = write_snapshot(directory, state)
+        with self._cond:
+            self._counters["snapshots_written"] += 1
+        return str(path)
+
+    def restore(self, directory: str | Path) -> bool:
+        """Load the newest complete snapshot in ``directory``, if any.
+
+        Returns:
+            Whether a snapshot was loaded.
+
+        Raises:
+            buffer_service.snapshot.SnapshotError: a damaged snapshot.
+        """
+        found = read_latest(directory)
+        if found is None:
+            return False
+        path, state = found
+        header = state.header
+        with self._cond:
+            self._storage.restore(
+                state.chunks,
+                next_id=int(header["next_id"]),
+                counters={k: int(v) for k, v in header["storage_counters"].items()},
+                priorities=state.priorities,
+                max_priority=float(header["max_priority"]),
+            )
+            self._limiter.load_state(header["rate_limiter"])
+            self.policy_version = int(header["policy_version"])
+            self._counters.update(header["counters"])
+            self.restored_from = str(path)
+            self._cond.notify_all()
+        return True
