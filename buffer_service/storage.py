@@ -182,6 +182,14 @@ class ReplayStorage:
         reward, discount, k = nstep_targets(
             chunk.rewards, bool(chunk.terminated[-1]), self.n_step, self.gamma
         )
+        # Evict first: the new ids reuse the priority slots of the evicted ones.
+        evicted = 0
+        while (
+            self.size + steps > self.capacity_transitions
+            or self.bytes_held + nbytes > self.capacity_bytes
+        ):
+            self._evict_oldest()
+            evicted += 1
         stored = _Stored(self.next_id, chunk, reward, discount, k, nbytes)
         self._chunks.append(stored)
         self._starts_dirty = True
@@ -194,10 +202,6 @@ class ReplayStorage:
         self.raw_bytes_held += _raw_bytes(chunk)
         self.counters["inserted_transitions"] += steps
         self.counters["inserted_chunks"] += 1
-        evicted = 0
-        while self.size > self.capacity_transitions or self.bytes_held > self.capacity_bytes:
-            self._evict_oldest()
-            evicted += 1
         return evicted
 
     def _evict_oldest(self) -> None:

@@ -1,0 +1,227 @@
+"""A replay shard in-process: bad payloads, the rate limiter, snapshots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import buffer_service.snapshot as snapshot_module
+from buffer_service.codec import CodecError, encode, pack
+from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
+from buffer_service.shard import ReplayShard
+from buffer_service.snapshot import read_latest
+from buffer_service.synthetic import SyntheticEpisode, chunked
+from td3drive.config import ReplayConfig
+
+CHUNK = 16
+
+
+def payloads(count: int, seed: int = 0, steps: int = CHUNK) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for episode in range(count):
+        transitions = SyntheticEpisode(rng, episode, steps, "truncated", episode).transitions()
+        out += [encode(c) for c in chunked(transitions, CHUNK)]
+    return out
+
+
+def make_shard(tmp_path: Path | None = None, **overrides: object) -> ReplayShard:
+    fields: dict[str, object] = {
+        "num_shards": 1,
+        "chunk_steps": CHUNK,
+        "min_size_to_sample": CHUNK,
+        "replay_ratio": None,
+        "rate_limit_timeout_s": 5.0,
+        **overrides,
+    }
+    return ReplayShard(ReplayConfig(**fields), batch_size=8, snapshot_dir=tmp_path)  # type: ignore[arg-type]
+
+
+def contents(shard: ReplayShard) -> list[bytes]:
+    return [pack(chunk) for _, chunk in shard._storage.chunks()]
+
+
+# ------------------------------------------------------------ bad payloads
+def test_bad_payloads_are_rejected_and_change_nothing() -> None:
+    shard = make_shard()
+    good = payloads(3)
+    for payload in good[:2]:
+        shard.insert(payload)
+    before, size = contents(shard), shard.size()
+    rng = np.random.default_rng(0)
+    bad = [good[2][: len(good[2]) // 2], b"", b"TD3C" + bytes(40)]
+    for _ in range(50):
+        flipped = bytearray(good[2])
+        flipped[int(rng.integers(len(flipped)))] ^= 1 << int(rng.integers(8))
+        bad.append(bytes(flipped))
+    bad.append(payloads(1, steps=CHUNK * 2, seed=9)[0][:-1])
+    for payload in bad:
+        with pytest.raises(CodecError):
+            shard.insert(payload)
+    assert shard.size() == size
+    assert contents(shard) == before
+    assert shard.stats()["rejected_payloads"] == len(bad)
+    shard.insert(good[2])  # and the shard still works
+    assert shard.size() == size + CHUNK
+
+
+def test_chunk_longer_than_configured_is_rejected() -> None:
+    shard = make_shard(chunk_steps=8, min_size_to_sample=8)
+    with pytest.raises(CodecError, match="chunk_steps"):
+        shard.insert(payloads(1)[0])
+    assert shard.size() == 0
+
+
+# ------------------------------------------------------------ rate limiter
+def test_tolerance_too_small_to_be_deadlock_free_is_refused() -> None:
+    with pytest.raises(ValueError, match="block each other"):
+        RateLimiter(min_size_to_sample=10, ratio=4.0, tolerance=10, max_sample=32, max_insert=16)
+
+
+def test_learner_waits_while_ahead_and_resumes_after_inserts() -> None:
+    shard = make_shard(replay_ratio=1.0, replay_ratio_tolerance=16.0, min_size_to_sample=CHUNK)
+    data = payloads(6)
+    got: list[int] = []
+
+    def learner() -> None:
+        for _ in range(8):  # 8 x 8 = 64 sampled; needs ~48 + 16 inserted beyond min size
+            got.append(shard.sample(8).ids.shape[0])
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    time.sleep(0.3)
+    assert got == []  # nothing inserted yet: the learner waits
+    for payload in data[:2]:
+        shard.insert(payload)
+    time.sleep(0.3)
+    # ratio 1: sampled <= (inserted - min) + tolerance = (32 - 16) + 16 = 32
+    assert len(got) * 8 <= 32
+    for payload in data[2:]:
+        shard.insert(payload)
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(got) == 8
+    stats = shard.stats()
+    assert stats["sample_wait_s_total"] > 0.2
+    assert stats["rate_limiter_sampled"] <= (stats["rate_limiter_inserted"] - CHUNK) + 16
+
+
+def test_workers_wait_while_ahead_and_resume_after_samples() -> None:
+    shard = make_shard(replay_ratio=1.0, replay_ratio_tolerance=16.0, min_size_to_sample=CHUNK)
+    data = payloads(6)
+    shard.insert(data[0])  # reaches min size
+    shard.insert(data[1])  # debt 16 = tolerance: the next insert must wait
+    done = threading.Event()
+
+    def worker() -> None:
+        shard.insert(data[2])
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert not done.wait(0.3), "insert should wait for the learner"
+    assert shard.size() == 2 * CHUNK
+    shard.sample(8)
+    shard.sample(8)  # debt back to 0: room for one chunk
+    assert done.wait(5)
+    thread.join()
+    assert shard.size() == 3 * CHUNK
+    assert shard.stats()["insert_wait_s_total"] > 0.2
+
+
+def test_a_blocked_call_times_out_instead_of_hanging() -> None:
+    shard = make_shard(rate_limit_timeout_s=0.3, min_size_to_sample=CHUNK)
+    outcome: list[BaseException] = []
+
+    def learner() -> None:
+        try:
+            shard.sample(8)
+        except BaseException as exc:  # recorded for the assertion below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "sample hung"
+    assert len(outcome) == 1 and isinstance(outcome[0], RateLimiterTimeout)
+    assert "sample waited" in str(outcome[0]) and "inserted=0" in str(outcome[0])
+    assert shard.stats()["sample_timeouts"] == 1
+
+
+# ------------------------------------------------------------ snapshots
+def test_snapshot_round_trip_restores_chunks_counters_and_limiter(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path, replay_ratio=2.0, replay_ratio_tolerance=500.0, prioritized=True)
+    for payload in payloads(4):
+        shard.insert(payload)
+    sampled = shard.sample(8)
+    shard.update_priorities(sampled.ids, np.arange(8.0))
+    shard.save()
+    before_stats = shard.stats()
+
+    restored = make_shard(
+        tmp_path, replay_ratio=2.0, replay_ratio_tolerance=500.0, prioritized=True
+    )
+    assert restored.restored_from is not None
+    assert contents(restored) == contents(shard)
+    after = restored.stats()
+    for key in (
+        "size",
+        "inserted_transitions",
+        "sampled_transitions",
+        "rate_limiter_inserted",
+        "rate_limiter_sampled",
+        "policy_version",
+    ):
+        assert after[key] == before_stats[key], key
+    assert after["policy_version"] == 3
+    np.testing.assert_array_equal(
+        restored._storage.priorities_of_live(), shard._storage.priorities_of_live()
+    )
+    assert restored._storage.next_id == shard._storage.next_id
+
+
+def test_crash_mid_write_leaves_the_previous_snapshot_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard = make_shard(tmp_path)
+    data = payloads(4)
+    shard.insert(data[0])
+    first = shard.save()
+    shard.insert(data[1])
+
+    calls = {"n": 0}
+    real_pack = snapshot_module.pack
+
+    def crash_after_one(chunk: object) -> bytes:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(28, "No space left on device")
+        return real_pack(chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshot_module, "pack", crash_after_one)
+    with pytest.raises(OSError, match="No space"):
+        shard.save()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [Path(first).name, Path(first).with_suffix(".done").name]
+    )
+    # A data file that was renamed but never got its done marker is ignored too.
+    (tmp_path / "snapshot-00000099.td3r").write_bytes(b"half a snapshot")
+    found = read_latest(tmp_path)
+    assert found is not None and str(found[0]) == first
+    restored = make_shard(tmp_path)
+    assert restored.size() == CHUNK
+    assert contents(restored) == contents(shard)[:1]
+
+
+def test_only_the_newest_snapshot_is_kept(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path)
+    for payload in payloads(3):
+        shard.insert(payload)
+        shard.save()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["snapshot-00000003.done", "snapshot-00000003.td3r"]
+    assert shard.stats()["snapshots_written"] == 3
