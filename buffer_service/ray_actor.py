@@ -88,12 +88,14 @@ class ReplayWriter:
                 than an invalid payload (e.g. a rate-limiter timeout).
         """
         start = time.monotonic()
-        while len(self._in_flight) >= self.max_in_flight:
-            remaining = None if timeout_s is None else start + timeout_s - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no push slot freed within {timeout_s:g} s")
-            self._reap(remaining)
-        self.wait_s_total += time.monotonic() - start
+        try:
+            while len(self._in_flight) >= self.max_in_flight:
+                remaining = None if timeout_s is None else start + timeout_s - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no push slot freed within {timeout_s:g} s")
+                self._reap(remaining)
+        finally:
+            self.wait_s_total += time.monotonic() - start
         shard = self._shards[self._next]
         self._next = (self._next + 1) % len(self._shards)
         self._in_flight.append(shard.insert.remote(payload))
