@@ -3,6 +3,7 @@
 Subcommands so far:
 
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
+* ``td3drive bench replay``: replay memory and speed against a naive buffer.
 
 Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
 """
@@ -64,7 +65,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learner.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
     learner.set_defaults(handler=_bench_learner)
+
+    replay = benches.add_parser(
+        "replay",
+        help="replay shard memory, insert and sample speed vs a naive uint8 buffer",
+        description="Fills one replay shard (compressed chunks, frames stored once) and a "
+        "naive buffer that stores obs and next_obs as uint8 arrays (SB3's "
+        "DictReplayBuffer layout) with the same transitions, and reports "
+        "bytes_per_transition, naive_bytes_per_transition, memory_ratio, "
+        "insert_transitions_per_s and sample_batches_per_s for both.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    replay.add_argument(
+        "--source",
+        choices=("synthetic", "racetrack"),
+        default="synthetic",
+        help="frames: synthetic driving-like frames, or the embedded simulator's "
+        "(available once the rollout workers land)",
+    )
+    replay.add_argument(
+        "--transitions", type=_positive_int, default=8192, help="transitions in each buffer"
+    )
+    replay.add_argument("--chunk-steps", type=_positive_int, default=64, help="steps per chunk")
+    replay.add_argument("--batch-size", type=_positive_int, default=256, help="sample size")
+    replay.add_argument(
+        "--sample-batches", type=_positive_int, default=40, help="batches timed per side"
+    )
+    replay.set_defaults(handler=_bench_replay)
     return parser
+
+
+def _bench_replay(args: argparse.Namespace) -> int:
+    from buffer_service.benchmark import run_replay_benchmark
+
+    try:
+        report = run_replay_benchmark(
+            transitions=args.transitions,
+            chunk_steps=args.chunk_steps,
+            batch_size=args.batch_size,
+            sample_batches=args.sample_batches,
+            source=args.source,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except ValueError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    _emit(report, args.json)
+    return 0
+
+
+def _emit(report: dict, path: Path | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _bench_learner(args: argparse.Namespace) -> int:
@@ -85,12 +142,7 @@ def _bench_learner(args: argparse.Namespace) -> int:
         rounds=rounds,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    _emit(report, args.json)
     return 0
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -59,3 +61,37 @@ def test_bad_arguments_fail_with_usage() -> None:
     result = run_cli("bench", "learner", "--updates", "0")
     assert result.returncode == 2
     assert "must be >= 1" in result.stderr
+
+
+def test_bench_replay_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    result = run_cli(
+        "bench",
+        "replay",
+        "--transitions",
+        "512",
+        "--chunk-steps",
+        "32",
+        "--sample-batches",
+        "2",
+        "--batch-size",
+        "64",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["source"] == "synthetic" and "synthetic" in report["source_note"]
+    assert report["naive_bytes_per_transition"] == 2 * 4 * 84 * 84 + 2 * 23 * 4 + 2 * 4 + 4 + 4
+    assert 0 < report["bytes_per_transition"] < report["naive_bytes_per_transition"]
+    assert report["memory_ratio"] == pytest.approx(
+        report["naive_bytes_per_transition"] / report["bytes_per_transition"]
+    )
+    for key in ("insert_transitions_per_s", "sample_batches_per_s", "naive_sample_batches_per_s"):
+        assert report[key] > 0
+
+
+def test_bench_replay_says_when_the_simulator_is_missing() -> None:
+    result = run_cli("bench", "replay", "--source", "racetrack")
+    assert result.returncode == 2
+    assert "use --source synthetic" in result.stderr
