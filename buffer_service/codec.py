@@ -256,6 +256,14 @@ def validate_chunk(chunk: Chunk) -> None:
             outside ``[-1, 1]``, an episode end before the last step,
             negative ids, or more than :data:`MAX_STEPS` steps.
     """
+    for name in ("frames", "vectors", "actions", "rewards", "terminated", "truncated", "versions"):
+        value = getattr(chunk, name)
+        if not isinstance(value, np.ndarray):
+            raise CodecError(f"{name}: expected a numpy array, got {type(value).__name__}")
+    for name in ("episode_id", "first_step"):
+        value = getattr(chunk, name)
+        if not isinstance(value, int | np.integer) or not 0 <= value < 2**63:
+            raise CodecError(f"{name}: expected an integer in [0, 2**63), got {value!r}")
     steps = chunk.actions.shape[0] if chunk.actions.ndim else 0
     if not 1 <= steps <= MAX_STEPS:
         raise CodecError(f"chunk has {steps} steps; expected 1..{MAX_STEPS}")
@@ -270,8 +278,6 @@ def validate_chunk(chunk: Chunk) -> None:
     }
     for name, (dtype, shape) in expected.items():
         value = getattr(chunk, name)
-        if not isinstance(value, np.ndarray):
-            raise CodecError(f"{name}: expected a numpy array, got {type(value).__name__}")
         if value.dtype != dtype:
             raise CodecError(f"{name}: expected dtype {dtype}, got {value.dtype}")
         if value.shape != shape:
@@ -417,13 +423,15 @@ def decode(payload: bytes | bytearray | memoryview) -> CompressedChunk:
     fixed = _HEADER.size + _CRC.size
     if len(view) < fixed:
         raise CodecError(f"payload of {len(view)} bytes is shorter than the {fixed}-byte header")
-    magic, version, _, steps, episode_id, first_step, arrays_len, frames_len = _HEADER.unpack_from(
-        view
+    magic, version, reserved, steps, episode_id, first_step, arrays_len, frames_len = (
+        _HEADER.unpack_from(view)
     )
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}; not a td3drive chunk")
     if version != FORMAT_VERSION:
         raise CodecError(f"format version {version}; this decoder reads {FORMAT_VERSION}")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved}, expected 0")
     if not 1 <= steps <= MAX_STEPS:
         raise CodecError(f"header claims {steps} steps; expected 1..{MAX_STEPS}")
     if len(view) != fixed + arrays_len + frames_len:
