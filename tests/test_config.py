@@ -86,3 +86,16 @@ def test_config_is_frozen() -> None:
     config = LearnerConfig()
     with pytest.raises(ValueError, match="frozen"):
         config.tau = 0.1  # type: ignore[misc]
+
+
+def test_replay_section_validates_and_splits_over_shards(tmp_path: Path) -> None:
+    config = load_config(REPO / "deploy" / "local.yaml")
+    replay = config.replay
+    assert replay.per_shard(replay.capacity_transitions) == 50_000
+    assert replay.tolerance_for(64) == 64 + 64.0 * 64
+    with pytest.raises(ConfigError, match=r"batch_size \(256\) exceeds replay\.min_size_to_sample"):
+        load_config(
+            _write(tmp_path, "learner:\n  batch_size: 256\nreplay:\n  min_size_to_sample: 100\n")
+        )
+    with pytest.raises(ConfigError, match=r"replay\.replay_ratio"):
+        load_config(_write(tmp_path, "replay:\n  replay_ratio: -1\n"))

@@ -225,3 +225,37 @@ def test_only_the_newest_snapshot_is_kept(tmp_path: Path) -> None:
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["snapshot-00000003.done", "snapshot-00000003.td3r"]
     assert shard.stats()["snapshots_written"] == 3
+
+
+def test_concurrent_inserts_and_samples_never_see_partial_or_evicted_data() -> None:
+    # Small capacity so eviction runs constantly while a sampler thread reads.
+    shard = make_shard(capacity_transitions=3 * CHUNK, min_size_to_sample=CHUNK)
+    data = payloads(30)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    seen_versions: set[int] = set()
+
+    def learner() -> None:
+        try:
+            while not stop.is_set():
+                sampled = shard.sample(8)
+                sampled.batch.validate()
+                # Every row must be internally consistent: next_obs frames slide.
+                np.testing.assert_array_equal(
+                    sampled.batch.obs_image[:, 1:], sampled.batch.next_obs_image[:, :-1]
+                )
+                seen_versions.update(sampled.policy_versions.tolist())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    shard.insert(data[0])
+    thread = threading.Thread(target=learner)
+    thread.start()
+    for payload in data[1:]:
+        shard.insert(payload)
+        assert shard.size() <= 3 * CHUNK
+    stop.set()
+    thread.join(timeout=10)
+    assert not errors, errors
+    assert seen_versions <= set(range(30))
+    assert shard.stats()["evicted_chunks"] == 27
