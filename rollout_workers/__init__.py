@@ -1,1 +1,17 @@
-"""Rollout workers: simulators, the driving task and the acting loop (issue #4)."""
+"""Rollout workers: the driving task, the simulators and the acting loop.
+
+Importing this package registers the environments with gymnasium:
+
+* ``td3drive/Racetrack-v0``: the embedded simulator (highway-env's racetrack);
+* ``td3drive/Carla-v0``: CARLA 0.9.16 through its Python client (needs a server).
+"""
+
+import gymnasium
+
+RACETRACK_ID = "td3drive/Racetrack-v0"
+CARLA_ID = "td3drive/Carla-v0"
+
+if RACETRACK_ID not in gymnasium.registry:
+    gymnasium.register(id=RACETRACK_ID, entry_point="rollout_workers.racetrack_env:RacetrackEnv")
+if CARLA_ID not in gymnasium.registry:
+    gymnasium.register(id=CARLA_ID, entry_point="rollout_workers.carla_env:CarlaEnv")

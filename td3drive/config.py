@@ -166,11 +166,101 @@ class ReplayConfig(_Section):
         return batch_size + ratio * self.chunk_steps
 
 
+class DrivingTaskConfig(_Section):
+    """The driving task shared by every simulator: reward weights, limits and
+    observation scaling (see ``rollout_workers/driving_task.py``)."""
+
+    target_speed_mps: float = Field(
+        8.0, gt=0, description="Speed the progress reward saturates at, m/s."
+    )
+    lane_half_width_m: float = Field(
+        2.5, gt=0, description="Half a lane's width, m: scales lane keeping and the vector."
+    )
+    waypoint_spacing_m: float = Field(
+        5.0, gt=0, description="Distance between look-ahead waypoints, m."
+    )
+    route_length_m: float = Field(
+        300.0, gt=0, description="Route length, m; driving it all is success."
+    )
+    max_episode_steps: int = Field(
+        1000, ge=1, description="Time limit in steps (ends the episode as truncated)."
+    )
+    stuck_seconds: float = Field(
+        10.0, gt=0, description="Seconds below stuck_speed_mps that end the episode."
+    )
+    stuck_speed_mps: float = Field(0.5, ge=0, description="Speed below which the car is stuck.")
+    w_progress: float = Field(1.0, ge=0, description="Weight of progress along the route.")
+    w_overspeed: float = Field(0.2, ge=0, description="Weight of the overspeed penalty.")
+    w_lane: float = Field(0.2, ge=0, description="Weight of the lateral-deviation penalty.")
+    w_heading: float = Field(0.1, ge=0, description="Weight of the heading-error penalty.")
+    w_comfort: float = Field(0.1, ge=0, description="Weight of the action-change penalty.")
+    collision_penalty: float = Field(
+        10.0, ge=0, description="Subtracted on a collision (terminal)."
+    )
+    off_road_penalty: float = Field(
+        10.0, ge=0, description="Subtracted when leaving the road (terminal)."
+    )
+
+
+class CarlaConfig(_Section):
+    """One CARLA server per rollout worker (``td3drive/Carla-v0``)."""
+
+    host: str = Field("localhost", description="CARLA server host.")
+    port: int = Field(2000, ge=1, le=65535, description="RPC port of the server.")
+    tm_port: int = Field(8000, ge=1, le=65535, description="Traffic Manager port.")
+    town: str = Field("Town03", description="Map to load, e.g. Town03.")
+    seed: int = Field(0, ge=0, description="Seed of spawn points, NPCs and the route.")
+    fixed_delta_seconds: float = Field(
+        0.05, gt=0, le=0.1, description="Synchronous-mode step, s (CARLA advises <= 0.1)."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Client and tick timeout, s.")
+    camera_width: int = Field(160, ge=16, description="Front camera width, px.")
+    camera_height: int = Field(120, ge=16, description="Front camera height, px.")
+    camera_fov: float = Field(90.0, gt=0, lt=180, description="Camera field of view, deg.")
+    npc_vehicles: int = Field(0, ge=0, description="Traffic Manager NPC vehicles.")
+    reconnect_attempts: int = Field(5, ge=0, description="Reconnection tries after a failure.")
+    reconnect_backoff_s: float = Field(
+        2.0, gt=0, description="First back-off between tries, s (doubles each try)."
+    )
+
+
+class RolloutConfig(_Section):
+    """Rollout workers: the environment, exploration and chunking."""
+
+    num_workers: int = Field(2, ge=1, description="Rollout workers (Ray actors).")
+    env_id: str = Field(
+        "td3drive/Racetrack-v0", description="gymnasium id of the environment each worker runs."
+    )
+    env_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for gymnasium.make."
+    )
+    warmup_steps: int = Field(
+        1000, ge=0, description="Uniform-random steps per worker before the policy acts."
+    )
+    warmup_throttle_min: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="Lower bound of throttle_brake during warm-up (0 = never brake: "
+        "biased forward, so random driving still moves).",
+    )
+    exploration_noise: float = Field(
+        0.1, ge=0, description="Std of Gaussian noise on the policy's action."
+    )
+    weights_poll_steps: int = Field(
+        64, ge=1, description="Steps between checks for newer policy weights."
+    )
+    seed: int = Field(0, ge=0, description="Base seed; worker i uses seed + 1000 i.")
+
+
 class TD3DriveConfig(_Section):
     """The whole run configuration, as one YAML file describes it."""
 
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    task: DrivingTaskConfig = Field(default_factory=DrivingTaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    carla: CarlaConfig = Field(default_factory=CarlaConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TD3DriveConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -29,3 +31,14 @@ def random_batch(size: int = 8, seed: int = 0, discount: float = 0.99) -> Batch:
 @pytest.fixture
 def batch() -> Batch:
     return random_batch()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``carla`` need a CARLA server: they run only when
+    ``CARLA_HOST`` (and optionally ``CARLA_PORT``) name one."""
+    if os.environ.get("CARLA_HOST"):
+        return
+    skip = pytest.mark.skip(reason="needs a CARLA server: set CARLA_HOST (and CARLA_PORT)")
+    for item in items:
+        if "carla" in item.keywords:
+            item.add_marker(skip)
