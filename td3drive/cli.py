@@ -4,6 +4,7 @@ Subcommands so far:
 
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
+* ``td3drive bench rollout``: collection speed of 1 and N workers.
 
 Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
 """
@@ -93,7 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-batches", type=_positive_int, default=40, help="batches timed per side"
     )
     replay.set_defaults(handler=_bench_replay)
+
+    rollout = benches.add_parser(
+        "rollout",
+        help="env steps/s of 1 and N rollout workers on the embedded simulator",
+        description="Runs rollout workers as Ray actors (policy acting, chunks pushed to "
+        "replay shards) and reports env steps/s for each worker count, the scaling "
+        "efficiency aggregate / (N x single), the bare environment's steps/s as the "
+        "baseline, and the policy's inference latency at batch 1 on one thread.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rollout.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    rollout.add_argument(
+        "--workers",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated worker counts",
+    )
+    rollout.add_argument(
+        "--steps", type=_positive_int, default=400, help="timed env steps per worker"
+    )
+    rollout.set_defaults(handler=_bench_rollout)
     return parser
+
+
+def _bench_rollout(args: argparse.Namespace) -> int:
+    from td3drive.rollout_bench import run_rollout_benchmark
+
+    try:
+        report = run_rollout_benchmark(
+            workers=args.workers,
+            steps_per_worker=args.steps,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except ValueError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    _emit(report, args.json)
+    return 0
 
 
 def _bench_replay(args: argparse.Namespace) -> int:

@@ -95,3 +95,15 @@ def test_bench_replay_says_when_the_simulator_is_missing() -> None:
     result = run_cli("bench", "replay", "--source", "racetrack")
     assert result.returncode == 2
     assert "use --source synthetic" in result.stderr
+
+
+def test_bench_rollout_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "rollout.json"
+    result = run_cli("bench", "rollout", "--workers", "1", "--steps", "40", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [row["workers"] for row in report["results"]] == [1]
+    assert report["results"][0]["aggregate_steps_per_s"] > 0
+    assert report["results"][0]["scaling_efficiency"] == pytest.approx(1.0)
+    assert report["bare_env_steps_per_s"] > 0
+    assert report["inference_latency_ms"]["mean"] > 0
