@@ -5,6 +5,7 @@ Subcommands so far:
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
 * ``td3drive bench rollout``: collection speed of 1 and N workers.
+* ``td3drive carla-check``: probe a CARLA server.
 
 Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
 """
@@ -116,7 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=400, help="timed env steps per worker"
     )
     rollout.set_defaults(handler=_bench_rollout)
+
+    check = commands.add_parser(
+        "carla-check",
+        help="is a CARLA server reachable, which version, does a tick round trip work",
+        description="Probes one CARLA server read-only (it never changes the server's "
+        "settings) and prints its version, map and a tick round trip. Exit code 0 when "
+        "the server answers and ticks, 1 otherwise.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    check.add_argument("--host", default="localhost", help="server host")
+    check.add_argument("--port", type=int, default=2000, help="RPC port")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(handler=_carla_check)
     return parser
+
+
+def _carla_check(args: argparse.Namespace) -> int:
+    from rollout_workers import carla_check
+
+    argv = ["--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout)]
+    return carla_check.main([*argv, "--json"] if args.json else argv)
 
 
 def _bench_rollout(args: argparse.Namespace) -> int:

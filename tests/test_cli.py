@@ -107,3 +107,17 @@ def test_bench_rollout_writes_its_json(tmp_path: Path) -> None:
     assert report["results"][0]["scaling_efficiency"] == pytest.approx(1.0)
     assert report["bare_env_steps_per_s"] > 0
     assert report["inference_latency_ms"]["mean"] > 0
+
+
+def test_carla_check_reports_an_unreachable_server() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(
+        "carla-check", "--host", "127.0.0.1", "--port", str(port), "--timeout", "1", "--json"
+    )
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["reachable"] is False and f"127.0.0.1:{port}" in report["error"]
