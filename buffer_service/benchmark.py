@@ -89,6 +89,7 @@ def run_replay_benchmark(
     batch_size: int = 256,
     sample_batches: int = 40,
     source: str = "synthetic",
+    episodes_source: Callable[[int], list[Transition]] | None = None,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Fill one shard and one naive buffer with the same transitions; measure
@@ -100,27 +101,34 @@ def run_replay_benchmark(
         episode_length: steps per synthetic episode (ends truncated).
         batch_size: transitions per sampled batch.
         sample_batches: batches timed on each side.
-        source: ``"synthetic"``; ``"racetrack"`` needs the embedded simulator.
+        source: a name for the frames' origin, reported in the JSON.
+        episodes_source: returns that many consecutive transitions (whole
+            episodes, steps numbered from 0); ``None`` = synthetic frames.
 
     Returns:
         The JSON document (keys in the CLI's help).
 
     Raises:
-        ValueError: an unknown or unavailable source.
+        ValueError: a source other than ``"synthetic"`` without ``episodes_source``.
     """
-    if source != "synthetic":
-        raise ValueError(
-            f"source {source!r} is not available yet: the embedded simulator arrives with "
-            "the rollout workers (issue #4); use --source synthetic"
+    if episodes_source is None:
+        if source != "synthetic":
+            raise ValueError(f"source {source!r} needs episodes_source")
+        progress(f"generating {transitions} synthetic transitions (driving-like frames)")
+        rng = np.random.default_rng(0)
+        steps: list[Transition] = []
+        episode = 0
+        while len(steps) < transitions:
+            length = min(episode_length, transitions - len(steps))
+            steps += SyntheticEpisode(rng, episode, length, "truncated").transitions()
+            episode += 1
+        source_note = (
+            "synthetic driving-like frames (scrolling road texture, ~1.2 KB per LZ4 frame)"
         )
-    progress(f"generating {transitions} synthetic transitions (driving-like frames)")
-    rng = np.random.default_rng(0)
-    steps: list[Transition] = []
-    episode = 0
-    while len(steps) < transitions:
-        length = min(episode_length, transitions - len(steps))
-        steps += SyntheticEpisode(rng, episode, length, "truncated").transitions()
-        episode += 1
+    else:
+        progress(f"collecting {transitions} transitions from {source}")
+        steps = episodes_source(transitions)
+        source_note = f"frames from the simulator ({source})"
     episodes: list[list[Transition]] = []
     for step in steps:
         if step.step == 0:
@@ -184,8 +192,7 @@ def run_replay_benchmark(
         "benchmark": "replay",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
-        "source_note": "synthetic driving-like frames (scrolling road texture, ~1.2 KB per "
-        "LZ4 frame); the embedded simulator is not available yet",
+        "source_note": source_note,
         "transitions": transitions,
         "chunk_steps": chunk_steps,
         "bytes_per_transition": stats["bytes_per_transition"],

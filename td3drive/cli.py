@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("synthetic", "racetrack"),
         default="synthetic",
         help="frames: synthetic driving-like frames, or the embedded simulator's "
-        "(available once the rollout workers land)",
+        "(driven by the scripted lane follower with steering noise)",
     )
     replay.add_argument(
         "--transitions", type=_positive_int, default=8192, help="transitions in each buffer"
@@ -157,6 +158,49 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _racetrack_transitions(count: int) -> list[Any]:
+    """``count`` transitions of the embedded simulator driven by the scripted
+    lane follower with N(0, 0.3) steering noise (long, varied episodes)."""
+    import gymnasium as gym
+    import numpy as np
+
+    import rollout_workers
+    from rollout_workers.scripted import lane_follower
+    from td3drive.spec import Transition
+
+    env = gym.make(rollout_workers.RACETRACK_ID)
+    rng = np.random.default_rng(0)
+    steps: list[Transition] = []
+    episode = 0
+    while len(steps) < count:
+        obs, _ = env.reset(seed=episode)
+        step = 0
+        while len(steps) < count:
+            action = lane_follower(obs["vector"])
+            action[0] = np.clip(action[0] + rng.normal(0, 0.3), -1, 1)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            last = len(steps) == count - 1
+            steps.append(
+                Transition(
+                    obs,
+                    action,
+                    float(reward),
+                    next_obs,
+                    bool(terminated),
+                    bool(truncated or last),
+                    0,
+                    episode,
+                    step,
+                )
+            )
+            obs, step = next_obs, step + 1
+            if terminated or truncated:
+                break
+        episode += 1
+    env.close()
+    return steps
+
+
 def _bench_replay(args: argparse.Namespace) -> int:
     from buffer_service.benchmark import run_replay_benchmark
 
@@ -167,6 +211,7 @@ def _bench_replay(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             sample_batches=args.sample_batches,
             source=args.source,
+            episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except ValueError as exc:

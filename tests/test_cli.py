@@ -91,10 +91,28 @@ def test_bench_replay_writes_its_json(tmp_path: Path) -> None:
         assert report[key] > 0
 
 
-def test_bench_replay_says_when_the_simulator_is_missing() -> None:
-    result = run_cli("bench", "replay", "--source", "racetrack")
-    assert result.returncode == 2
-    assert "use --source synthetic" in result.stderr
+def test_bench_replay_on_simulator_frames(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    result = run_cli(
+        "bench",
+        "replay",
+        "--source",
+        "racetrack",
+        "--transitions",
+        "256",
+        "--chunk-steps",
+        "64",
+        "--sample-batches",
+        "2",
+        "--batch-size",
+        "32",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["source"] == "racetrack" and "simulator" in report["source_note"]
+    assert report["memory_ratio"] > 10
 
 
 def test_bench_rollout_writes_its_json(tmp_path: Path) -> None:

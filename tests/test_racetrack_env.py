@@ -9,6 +9,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import rollout_workers
+from rollout_workers import scripted
 from td3drive import spec
 
 ENV_ID = rollout_workers.RACETRACK_ID
@@ -18,17 +19,8 @@ def make(**kwargs: object) -> gym.Env:
     return gym.make(ENV_ID, **kwargs)
 
 
-def lane_follower(obs: dict[str, np.ndarray], target_speed_mps: float = 5.0) -> np.ndarray:
-    """Pure pursuit on the second waypoint plus a lateral correction, from the
-    vector alone: works only if the vector's waypoints, lateral deviation and
-    sign conventions mean what the driving task says they do."""
-    vector = obs["vector"]
-    waypoints = vector[3:].reshape(spec.NUM_WAYPOINTS, 2) * 50.0  # unscale: 10 x 5 m
-    forward, left = waypoints[1]
-    steer = -np.arctan2(left, forward) + 0.5 * vector[1]  # + steer is right
-    speed = vector[0] * 8.0  # unscale: target_speed_mps default
-    throttle = 0.5 * (target_speed_mps - speed)
-    return np.clip(np.array([steer, throttle], np.float32), -1, 1)
+def lane_follower(obs: dict[str, np.ndarray]) -> np.ndarray:
+    return scripted.lane_follower(obs["vector"])
 
 
 def run_episode(env: gym.Env, policy, seed: int) -> dict:  # type: ignore[no-untyped-def]
