@@ -253,6 +253,40 @@ class RolloutConfig(_Section):
     seed: int = Field(0, ge=0, description="Base seed; worker i uses seed + 1000 i.")
 
 
+class RunConfig(_Section):
+    """The driver: budget, resources, cadences, monitoring."""
+
+    total_env_steps: int = Field(20_000, ge=1, description="Env-step budget of the run.")
+    learner_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved for the learner actor (0 = CPU learner)."
+    )
+    worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker.")
+    shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replay shard.")
+    learner_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the learner.")
+    worker_steps_per_call: int = Field(
+        128, ge=1, description="Env steps a worker takes per driver call (progress granularity)."
+    )
+    learner_updates_per_call: int = Field(
+        10, ge=1, description="Updates the learner runs per driver call."
+    )
+    publish_every_updates: int = Field(
+        10, ge=1, description="Learner updates between published policy versions (M)."
+    )
+    checkpoint_every_updates: int = Field(
+        500, ge=1, description="Learner updates between checkpoints (learner + replay)."
+    )
+    eval_episodes: int = Field(3, ge=0, description="Deterministic episodes evaluated at the end.")
+    report_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between metrics.jsonl lines and log lines."
+    )
+    metrics_port: int | None = Field(
+        8080, ge=0, le=65535, description="Prometheus endpoint port (0 = any free, null = off)."
+    )
+    recent_episodes: int = Field(
+        20, ge=1, description="Episodes averaged for the 'recent' return/success figures."
+    )
+
+
 class TD3DriveConfig(_Section):
     """The whole run configuration, as one YAML file describes it."""
 
@@ -261,6 +295,7 @@ class TD3DriveConfig(_Section):
     task: DrivingTaskConfig = Field(default_factory=DrivingTaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     carla: CarlaConfig = Field(default_factory=CarlaConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TD3DriveConfig:
