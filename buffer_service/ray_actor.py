@@ -175,21 +175,25 @@ class ReplaySampler:
         self._thread: threading.Thread | None = None
         self.batches = 0
 
-    def next(self) -> ShardedSample:
+    def next(self, timeout_s: float | None = None) -> ShardedSample:
         """The next batch (starts the prefetch thread on first use).
 
+        Args:
+            timeout_s: overrides the sampler's ``timeout_s`` for this call.
+
         Raises:
-            TimeoutError: nothing arrived within ``timeout_s``.
+            TimeoutError: nothing arrived within the timeout.
             Exception: whatever sampling raised in the background (e.g. a
                 shard's ``RateLimiterTimeout``), re-raised here.
         """
         if self._thread is None:
             self._thread = threading.Thread(target=self._fill, name="replay-prefetch", daemon=True)
             self._thread.start()
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            item = self._queue.get(timeout=self.timeout_s)
+            item = self._queue.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"no replay batch within {self.timeout_s:g} s") from None
+            raise TimeoutError(f"no replay batch within {timeout:g} s") from None
         if isinstance(item, BaseException):
             raise item
         self.batches += 1

@@ -17,6 +17,8 @@ import numpy as np
 import ray
 
 from buffer_service.ray_actor import ReplayWriter
+from learner.networks import build_policy, load_policy_weights
+from rollout_workers.evaluation import evaluate_policy, summarize
 from rollout_workers.worker import RolloutWorker
 from td3drive.config import TD3DriveConfig
 from td3drive.weights import WeightsBoard
@@ -84,6 +86,38 @@ class RolloutWorkerActor:
     def policy_action(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The deterministic action for ``obs`` (for checks against the learner)."""
         return self.worker.policy_action(obs)
+
+
+class EvaluatorActor:
+    """Evaluates the latest published policy, deterministically, on a fresh env."""
+
+    def __init__(self, config: TD3DriveConfig, weights_board: Any) -> None:
+        self.config = config
+        self._board = weights_board
+        learner = config.learner
+        self.policy = build_policy(learner.features_dim, learner.actor_hidden, learner.cnn)
+
+    def evaluate(self, episodes: int) -> dict[str, Any]:
+        """Run ``episodes`` episodes with the newest weights.
+
+        Returns:
+            ``{"policy_version", "episodes": [...metrics], "summary": {...}}``.
+        """
+        newer = ray.get(self._board.newer_than.remote(-1))
+        version = -1
+        if newer is not None:
+            version, wrapped = newer
+            load_policy_weights(self.policy, ray.get(wrapped[0]))
+        rollout = self.config.rollout
+        results = evaluate_policy(
+            self.policy, rollout.env_id, rollout.env_kwargs, episodes, rollout.seed
+        )
+        return {"policy_version": version, "episodes": results, "summary": summarize(results)}
+
+
+def remote_evaluator_class(num_cpus: float = 1.0) -> Any:
+    """:class:`EvaluatorActor` as a Ray actor class."""
+    return ray.remote(num_cpus=num_cpus, max_restarts=-1)(EvaluatorActor)
 
 
 def remote_worker_class(num_cpus: float = 1.0) -> Any:

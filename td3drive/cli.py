@@ -1,6 +1,10 @@
 """The ``td3drive`` command line.
 
-Subcommands so far:
+Subcommands:
+
+* ``td3drive train``: the main job (see :mod:`td3drive.driver`).
+* ``td3drive evaluate``: the deterministic policy of a checkpoint.
+* ``td3drive report``: plots of a run directory.
 
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
@@ -18,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +125,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.set_defaults(handler=_bench_rollout)
 
+    train = commands.add_parser(
+        "train",
+        help="train on Ray from a YAML config until the env-step budget",
+        description="Starts replay shards, rollout workers, the learner and an evaluation "
+        "worker on the Ray cluster this runs in (ray job submit) or on a local Ray "
+        "instance, trains until run.total_env_steps, evaluates the deterministic policy "
+        "and writes the run directory: config.yaml, metrics.jsonl, summary.json, "
+        "checkpoints/. Prometheus metrics are served on run.metrics_port.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="YAML run configuration (see deploy/)")
+    source.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run"
+    )
+    train.add_argument("--run-dir", type=Path, help="run directory (default runs/<timestamp>)")
+    train.add_argument("--total-env-steps", type=_positive_int, help="override run.total_env_steps")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set learner.batch_size=64",
+    )
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="run the deterministic policy of a checkpoint and report episode metrics",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="learner checkpoint")
+    evaluate.add_argument("--episodes", type=_positive_int, default=5, help="episodes to run")
+    evaluate.add_argument(
+        "--env", default="td3drive/Racetrack-v0", help="gymnasium id of the environment"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="base seed of the episodes")
+    evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    evaluate.set_defaults(handler=_evaluate)
+
+    report = commands.add_parser(
+        "report",
+        help="PNG plots of a run's metrics (rollout and learner curves)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    report.set_defaults(handler=_report)
+
     check = commands.add_parser(
         "carla-check",
         help="is a CARLA server reachable, which version, does a tick round trip work",
@@ -133,6 +188,100 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_carla_check)
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from td3drive.config import ConfigError, config_from_dict, load_config
+    from td3drive.driver import (
+        TrainingError,
+        TrainingRun,
+        console_logger,
+        load_run_config,
+        resolve_run_dir,
+    )
+
+    logging.basicConfig(level=logging.WARNING)
+    overrides = list(args.overrides)
+    if args.total_env_steps:
+        overrides.append(f"run.total_env_steps={args.total_env_steps}")
+    try:
+        if args.resume:
+            run_dir = args.resume
+            config = load_run_config(run_dir)
+            if overrides:
+                raw = config.model_dump(mode="json")
+                for item in overrides:
+                    key, _, value = item.partition("=")
+                    section, _, name = key.partition(".")
+                    raw.setdefault(section, {})[name] = yaml.safe_load(value)
+                config = config_from_dict(raw, source=f"{run_dir}/config.yaml + --set")
+        else:
+            config = load_config(args.config, overrides)
+            run_dir = resolve_run_dir(args.run_dir)
+    except ConfigError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    emit = console_logger()
+    emit(f"run directory: {run_dir}")
+    try:
+        summary = TrainingRun(config, run_dir, resume=bool(args.resume), log_line=emit).run()
+    except TrainingError as exc:
+        print(f"td3drive: training stopped: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    evaluation = summary["eval"]
+    emit(
+        f"done: {summary['env_steps']} env steps, {summary['learner_updates']} updates in "
+        f"{summary['wall_s']:.0f} s; eval return {evaluation.get('return_mean')}, "
+        f"success {evaluation.get('success_rate')}"
+    )
+    emit(f"summary: {run_dir / 'summary.json'}")
+    emit(f"plots: td3drive report {run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from learner.networks import build_policy, load_policy_weights
+    from learner.td3 import CheckpointError, TD3Learner
+    from rollout_workers.evaluation import evaluate_policy, summarize
+
+    try:
+        learner = TD3Learner.from_checkpoint(args.checkpoint, device="cpu")
+    except CheckpointError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    config = learner.config
+    policy = build_policy(config.features_dim, config.actor_hidden, config.cnn)
+    load_policy_weights(policy, learner.policy_weights()[1])
+    episodes = evaluate_policy(policy, args.env, None, args.episodes, args.seed)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "policy_version": learner.updates,
+        "env": args.env,
+        "summary": summarize(episodes),
+        "episodes": episodes,
+    }
+    _emit(result, args.json)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from td3drive.report import ReportError, make_report
+
+    try:
+        paths = make_report(args.run_dir)
+    except ReportError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _carla_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,81 @@
+"""Deterministic evaluation: the policy without exploration noise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import rollout_workers  # noqa: F401  (registers the td3drive environments)
+from learner.networks import Actor
+
+EVAL_SEED_OFFSET = 10_000_000
+"""Evaluation episodes use seeds far from the training workers'."""
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Actor,
+    env_id: str,
+    env_kwargs: Mapping[str, Any] | None = None,
+    episodes: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Run ``episodes`` episodes with the deterministic policy.
+
+    Args:
+        policy: acts on ``uint8[1,4,84,84]`` images and ``float32[1,23]`` vectors.
+        env_id: gymnasium id (any env with the td3drive spaces).
+        env_kwargs: passed to ``gymnasium.make``.
+        episodes: how many.
+        seed: episode ``i`` resets with ``seed + EVAL_SEED_OFFSET + i``.
+
+    Returns:
+        One ``info["episode_metrics"]`` dict per episode (``return`` and
+        ``length`` at least, for environments that do not report metrics).
+    """
+    env = gym.make(env_id, **dict(env_kwargs or {}))
+    policy.eval()
+    results = []
+    try:
+        for episode in range(episodes):
+            obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + episode)
+            total, length = 0.0, 0
+            while True:
+                image = torch.from_numpy(np.ascontiguousarray(obs["image"]))[None]
+                vector = torch.from_numpy(np.ascontiguousarray(obs["vector"]))[None]
+                action = policy(image, vector)[0].numpy()
+                obs, reward, terminated, truncated, info = env.step(action)
+                total += float(reward)
+                length += 1
+                if terminated or truncated:
+                    metrics = dict(info.get("episode_metrics", {}))
+                    metrics.setdefault("return", total)
+                    metrics.setdefault("length", length)
+                    results.append(metrics)
+                    break
+    finally:
+        env.close()
+    return results
+
+
+def summarize(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"episodes", "return_mean", "success_rate", "route_completion_mean",
+    "mean_speed_kmh", "collision_rate"}`` over episode metrics (``None`` where
+    the environment did not report a field)."""
+
+    def mean(key: str) -> float | None:
+        values = [float(e[key]) for e in episodes if e.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "episodes": len(episodes),
+        "return_mean": mean("return"),
+        "success_rate": mean("success"),
+        "route_completion_mean": mean("route_completion"),
+        "mean_speed_kmh": mean("mean_speed_kmh"),
+        "collision_rate": mean("collision"),
+    }

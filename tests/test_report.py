@@ -1,0 +1,197 @@
+"""`td3drive report`: PNGs from a run directory's metrics.jsonl, robust to the
+lines a real run writes (null sections early on, a line cut off by a kill)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from PIL import Image
+
+from td3drive import metric_names as M
+from td3drive.report import (
+    ReportError,
+    learner_figure,
+    load_metrics,
+    make_report,
+    rollout_figure,
+    system_figure,
+)
+
+
+def _line(i: int) -> dict[str, Any]:
+    """Report interval ``i`` of a plausible run: no episode before i=2, no learner
+    before i=3 (replay still below min_size_to_sample)."""
+    env_steps = 1280 * i
+    updates = max(0, 80 * (i - 2))
+    line: dict[str, Any] = {
+        "time_s": 10.0 * i,
+        "env_steps": env_steps,
+        "learner_updates": updates,
+        "episodes": i // 2,
+        "env_steps_per_s": 128.0 + i,
+        "updates_per_s": 8.0 if updates else 0.0,
+        "episode": None,
+        "learner": None,
+        "replay": {
+            "size": env_steps,
+            "bytes": 1200 * env_steps,
+            "bytes_per_transition": 1200.0,
+            "compression_ratio": 23.5,
+        },
+        "policy_lag_updates_mean": None,
+    }
+    if i >= 2:
+        line["episode"] = {
+            "count": i // 2,
+            "return_mean": -20.0 + 4.0 * i,
+            "success_rate": min(1.0, 0.05 * i),
+            "route_completion_mean": min(1.0, 0.08 * i),
+            "mean_speed_kmh": 10.0 + i,
+            "collision_rate": max(0.0, 0.6 - 0.05 * i),
+        }
+    if i >= 3:
+        line["policy_lag_updates_mean"] = 12.0
+        line["learner"] = {
+            M.CRITIC_LOSS: 2.0 / i,
+            M.ACTOR_LOSS: -0.5 * i,
+            M.Q1_MEAN: 0.5 * i,
+            M.Q2_MEAN: 0.45 * i,
+            M.TARGET_Q_MEAN: 0.48 * i,
+            M.ACTOR_GRAD_NORM_PRECLIP: 30.0 / i,
+            M.ACTOR_GRAD_NORM_POSTCLIP: min(10.0, 30.0 / i),
+            M.CRITIC_GRAD_NORM_PRECLIP: 50.0 / i,
+            M.CRITIC_GRAD_NORM_POSTCLIP: min(10.0, 50.0 / i),
+            M.ACTOR_ENCODER_WEIGHT_DELTA: 0.01 * i,
+            M.CRITIC_ENCODER_WEIGHT_DELTA: 0.02 * i,
+            M.ACTOR_UPDATED: 1.0,
+        }
+    return line
+
+
+def _write_run(run_dir: Path, lines: int = 12) -> Path:
+    run_dir.mkdir()
+    rows = [json.dumps(_line(i)) for i in range(1, lines + 1)]
+    rows.insert(4, '{"time_s": 40.0, "env_steps": 51')  # cut off mid-write
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n\n")
+    (run_dir / "config.yaml").write_text(
+        "learner:\n  actor_max_grad_norm: 10.0\n  critic_max_grad_norm: 10.0\n"
+        "task:\n  target_speed_mps: 8.0\n"
+    )
+    (run_dir / "summary.json").write_text(
+        json.dumps({"env_steps": 15360, "eval": {"return_mean": 31.5, "success_rate": 0.67}})
+    )
+    return run_dir
+
+
+def test_report_writes_readable_pngs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = _write_run(tmp_path / "run")
+    out = io.StringIO()
+    with caplog.at_level(logging.WARNING, logger="td3drive.report"):
+        paths = make_report(run_dir, stream=out)
+
+    assert [p.name for p in paths] == ["rollout.png", "learner.png", "system.png"]
+    for path in paths:
+        assert path.parent == run_dir / "report"
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 1000 and image.height >= 700
+            colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colors is not None and len(colors) > 50  # not a blank canvas
+    assert "skipped 1 malformed line(s) (first at line 5)" in caplog.text
+    printed = out.getvalue()
+    assert "12 line(s), 1 skipped" in printed
+    assert "eval.return_mean: 31.5" in printed and "eval.success_rate: 0.67" in printed
+
+
+REFERENCE_LINES = ("max_grad_norm", "target speed", "first non-finite loss")
+
+
+def _curves(fig: Any) -> dict[str, dict[str, int]]:
+    """{axes title: {curve label: points}} of the data curves (not reference lines)."""
+    found: dict[str, dict[str, int]] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            label = line.get_label()
+            if label.startswith("_") or label.startswith(REFERENCE_LINES):
+                continue
+            found.setdefault(ax.get_title(), {})[label] = len(line.get_xdata())
+    return found
+
+
+def test_figures_plot_every_series(tmp_path: Path) -> None:
+    records = load_metrics(_write_run(tmp_path / "run") / "metrics.jsonl").records
+    assert len(records) == 12
+
+    rollout = _curves(rollout_figure(records))
+    assert rollout["Episode return"] == {"return (mean)": 11}  # line 1 has episode: null
+    assert rollout["Success and collision rate"] == {"success": 11, "collision": 11}
+    assert set(rollout) == {
+        "Episode return",
+        "Success and collision rate",
+        "Route completion (mean)",
+        "Mean speed",
+    }
+
+    learner = _curves(learner_figure(records))
+    assert learner["Critic loss (TD MSE, both critics)"] == {"critic": 10}
+    assert learner["Q values (batch mean)"] == {"Q1": 10, "Q2": 10, "TD target": 10}
+    assert learner["Actor gradient L2 norm"] == {"before clipping": 10, "after clipping": 10}
+    assert learner["Critic gradient L2 norm"] == {"before clipping": 10, "after clipping": 10}
+    assert learner["Encoder weight change"] == {"actor encoder": 10, "critic encoder": 10}
+    assert len(learner) == 6
+
+    system = _curves(system_figure(records))
+    assert system["Policy lag"] == {"policy lag": 10}
+    assert system["Replay size"] == {"held": 12}
+    assert system[""] == {"compression ratio": 12}  # right-hand axis of the bytes panel
+    assert len(system) == 7
+
+
+def test_non_finite_loss_is_marked_and_left_out(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path / "run")
+    bad = _line(13)
+    bad["learner"][M.CRITIC_LOSS] = math.nan
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(bad) + "\n")  # json writes NaN, json.loads reads it back
+    records = load_metrics(run_dir / "metrics.jsonl").records
+    fig = learner_figure(records)
+    loss_ax = fig.axes[0]
+    marks = [line for line in loss_ax.get_lines() if line.get_label() == "first non-finite loss"]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == bad["learner_updates"]
+    assert _curves(fig)["Critic loss (TD MSE, both critics)"] == {"critic": 10}
+
+
+def test_early_run_without_learner_or_episodes_still_reports(tmp_path: Path) -> None:
+    run_dir = tmp_path / "early"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"time_s": 10.0, "env_steps": 1280, "episode": None, "learner": None}) + "\n"
+    )
+    paths = make_report(run_dir, stream=io.StringIO())
+    assert all(p.is_file() for p in paths)
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="no such run directory"):
+        make_report(tmp_path / "nope")
+
+
+def test_missing_metrics_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match=r"metrics\.jsonl: missing"):
+        make_report(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "not json\n[1, 2]\n{}\n"])
+def test_no_usable_line_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(ReportError, match="no usable line"):
+        make_report(tmp_path)
+    assert not (tmp_path / "report").exists()
