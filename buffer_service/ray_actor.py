@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from buffer_service.codec import CodecError
 from buffer_service.shard import ReplayShard
@@ -58,6 +58,7 @@ class ReplayWriter:
 
     Attributes:
         pushed, rejected: payloads sent, and refused by a shard as invalid.
+        lost: payloads whose shard died before acknowledging them.
         wait_s_total: seconds ``push`` spent waiting for a free slot.
     """
 
@@ -72,6 +73,7 @@ class ReplayWriter:
         self._in_flight: list[ray.ObjectRef] = []
         self.pushed = 0
         self.rejected = 0
+        self.lost = 0
         self.wait_s_total = 0.0
 
     @property
@@ -119,6 +121,9 @@ class ReplayWriter:
         for ref in ready:
             try:
                 ray.get(ref)
+            except RayActorError as exc:  # the shard died mid-insert; Ray restarts it
+                self.lost += 1
+                log.warning("replay shard died during a push; chunk lost (%s)", type(exc).__name__)
             except RayTaskError as exc:
                 if isinstance(exc.cause, CodecError):
                     self.rejected += 1
@@ -174,6 +179,7 @@ class ReplaySampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
+        self.shard_failures = 0
 
     def next(self, timeout_s: float | None = None) -> ShardedSample:
         """The next batch (starts the prefetch thread on first use).
@@ -221,6 +227,11 @@ class ReplaySampler:
         while not self._stop.is_set():
             try:
                 item: ShardedSample | BaseException = self._sample_once()
+            except RayActorError as exc:  # a shard died; Ray restarts it from its snapshot
+                log.warning("replay shard unavailable (%s); retrying", type(exc).__name__)
+                self.shard_failures += 1
+                time.sleep(0.5)
+                continue
             except BaseException as exc:  # surfaced to the caller of next()
                 item = exc
             while not self._stop.is_set():
@@ -245,6 +256,8 @@ class ReplaySampler:
         except GetTimeoutError as exc:
             raise TimeoutError(f"replay shards did not answer within {self.timeout_s:g} s") from exc
         except RayTaskError as exc:
+            if isinstance(exc.cause, RayActorError):
+                raise exc.cause from None
             raise exc.as_instanceof_cause() from None
         return ShardedSample(
             sampled=concatenate([p for p in parts]),

@@ -179,6 +179,7 @@ class ReplayShard:
                 "rate_limiter_sampled": self._limiter.sampled,
                 "rate_limiter_debt": self._limiter.debt,
                 "policy_version": self.policy_version,
+                "restored_from": self.restored_from,
             }
 
     # ------------------------------------------------------------ snapshots

@@ -74,7 +74,11 @@ class NonFiniteLossError(FloatingPointError):
             f"too high for the reward scale, NaN in the replayed data."
         )
         self.network = network
+        self.update = update
         self.diagnostics = dict(diagnostics)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray's process boundary
+        return (type(self), (self.network, self.update, self.diagnostics))
 
 
 class CheckpointError(ValueError):

@@ -90,7 +90,11 @@ class CarlaConnectionError(ConnectionError):
     def __init__(self, address: str, message: str, *, retryable: bool = True) -> None:
         super().__init__(f"CARLA server {address}: {message}")
         self.address = address
+        self.message = message
         self.retryable = retryable
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray's process boundary
+        return (_rebuild_connection_error, (self.address, self.message, self.retryable))
 
 
 class CarlaTimeoutError(TimeoutError):
@@ -103,6 +107,14 @@ class CarlaTimeoutError(TimeoutError):
     def __init__(self, address: str, message: str) -> None:
         super().__init__(f"CARLA server {address}: {message}" if address else message)
         self.address = address
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray's process boundary
+        return (type(self), (self.address, self.message))
+
+
+def _rebuild_connection_error(address: str, message: str, retryable: bool) -> CarlaConnectionError:
+    return CarlaConnectionError(address, message, retryable=retryable)
 
 
 class CarlaSpawnError(RuntimeError):

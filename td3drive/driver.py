@@ -231,6 +231,8 @@ class TrainingRun:
         self._prepare_dir()
         self._start_ray()
         self._start_services()
+        if not (self.run_dir / LEARNER_CHECKPOINT).exists():
+            self._checkpoint()  # a good checkpoint exists from the start
         port = self.config.run.metrics_port
         if port is not None:
             self._server = serve(self.metrics, port)
@@ -358,7 +360,11 @@ class TrainingRun:
 
     def _checkpoint(self) -> None:
         ray.get(self.learner.save_checkpoint.remote(str(self.run_dir / LEARNER_CHECKPOINT)))
-        ray.get([shard.save.remote() for shard in self.shards])
+        for index, ref in enumerate([shard.save.remote() for shard in self.shards]):
+            try:
+                ray.get(ref)
+            except RayActorError as exc:  # restarting; it keeps its previous snapshot
+                self.log_line(f"replay shard {index} unavailable, snapshot skipped ({exc!r})")
         self._last_checkpoint_updates = self.progress.learner_updates
         state = self.progress.state()
         state["wall_s"] = self._wall_s()

@@ -75,3 +75,19 @@ def test_from_transitions_keeps_dtypes_and_discounts() -> None:
         Batch.from_transitions(steps, gamma=1.5)
     with pytest.raises(SpecError, match="at least one"):
         Batch.from_transitions([], gamma=0.9)
+
+
+def test_typed_errors_survive_pickling_across_ray() -> None:
+    import pickle
+
+    from learner.td3 import NonFiniteLossError
+    from rollout_workers.carla_env import CarlaConnectionError, CarlaTimeoutError
+
+    for error in (
+        SpecError("batch.reward", "contains NaN"),
+        NonFiniteLossError("critic", 3, {"losses/critic": float("nan")}),
+        CarlaConnectionError("h:2000", "refused", retryable=False),
+        CarlaTimeoutError("h:2000", "tick"),
+    ):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)

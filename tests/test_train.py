@@ -1,0 +1,406 @@
+"""``td3drive train`` end to end: the run directory contract, Prometheus,
+and faults (a worker or shard killed, resume, a NaN loss)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from learner.td3 import TD3Learner, load_checkpoint
+from td3drive.config import TD3DriveConfig, config_from_dict
+from td3drive.driver import LEARNER_CHECKPOINT, TrainingError, TrainingRun
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
+    """A run that fits 2 cores: small networks, 2 workers, 2 shards."""
+    raw: dict[str, Any] = {
+        "learner": {
+            "device": "cpu",
+            "batch_size": 16,
+            "features_dim": 32,
+            "actor_hidden": [32],
+            "critic_hidden": [32],
+            "random_shift_pad": 0,
+        },
+        "replay": {
+            "num_shards": 2,
+            "chunk_steps": 32,
+            "min_size_to_sample": 64,
+            "replay_ratio": 8.0,
+            "capacity_transitions": 20_000,
+            "rate_limit_timeout_s": 120,
+        },
+        "rollout": {"num_workers": 2, "warmup_steps": 50, "weights_poll_steps": 32},
+        "run": {
+            "total_env_steps": 400,
+            "worker_num_cpus": 0.25,
+            "shard_num_cpus": 0.0,
+            "learner_num_cpus": 0.5,
+            "worker_steps_per_call": 32,
+            "learner_updates_per_call": 5,
+            "publish_every_updates": 5,
+            "checkpoint_every_updates": 20,
+            "eval_episodes": 1,
+            "report_interval_s": 1.0,
+            "metrics_port": None,
+        },
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ------------------------------------------------------------ the CLI, end to end
+def test_train_cli_writes_the_run_directory(tmp_path: Path) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config()))
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "train",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "run.total_env_steps=300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "summary:" in result.stderr and str(run_dir) in result.stderr
+
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["run"]["total_env_steps"] == 300  # --set reached the config
+    assert config_from_dict(resolved).learner.features_dim == 32
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and lines[-1]["env_steps"] >= 300
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["env_steps"] >= 300 and summary["learner_updates"] > 0
+    for key in (
+        "wall_s",
+        "env_steps_per_s",
+        "updates_per_s",
+        "episodes",
+        "policy_lag_updates_mean",
+    ):
+        assert summary[key] is not None, key
+    assert summary["replay"]["size"] == summary["env_steps"]  # every step landed
+    assert 0 < summary["replay"]["bytes_per_transition"] < 10_000
+    assert summary["encoder_weight_delta"]["actor"] > 0
+    assert summary["encoder_weight_delta"]["critic"] > 0
+    grads = summary["grad_norm"]
+    max_norm = resolved["learner"]["critic_max_grad_norm"]
+    assert grads["critic_postclip_max"] <= max_norm * (1 + 1e-5)
+    assert grads["actor_postclip_max"] <= resolved["learner"]["actor_max_grad_norm"] * (1 + 1e-5)
+    evaluation = summary["eval"]
+    assert evaluation["episodes"] == 1
+    for key in (
+        "return_mean",
+        "success_rate",
+        "route_completion_mean",
+        "mean_speed_kmh",
+        "collision_rate",
+    ):
+        assert evaluation[key] is not None, key
+
+    checkpoint = load_checkpoint(run_dir / LEARNER_CHECKPOINT)
+    assert checkpoint["updates"] == summary["learner_updates"]
+    for shard in range(2):
+        names = {p.suffix for p in (run_dir / "checkpoints/replay" / f"shard-{shard}").iterdir()}
+        assert names == {".td3r", ".done"}
+
+    report = subprocess.run(
+        [sys.executable, "-m", "td3drive.cli", "report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "report" / "rollout.png").exists()
+
+    evaluate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "evaluate",
+            "--checkpoint",
+            str(run_dir / LEARNER_CHECKPOINT),
+            "--episodes",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert json.loads(evaluate.stdout)["summary"]["episodes"] == 1
+
+
+def test_impossible_config_fails_before_any_actor_starts(tmp_path: Path) -> None:
+    config_path = tmp_path / "bad.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(learner={"batch_size": 128})))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "train",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "min_size_to_sample" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------ Prometheus
+def _query(prometheus: str, expression: str) -> float | None:
+    url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expression)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    results = body["data"]["result"]
+    return float(results[0]["value"][1]) if results else None
+
+
+def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide the Debian prometheus package (.ci/run installs it)")
+        pytest.skip("the prometheus server is not installed (apt-get install prometheus)")
+    metrics_port, web_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "td3drive",
+                        "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        yaml.safe_dump(tiny_config(run={"metrics_port": metrics_port, "total_env_steps": 1500}))
+    )
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "train",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    prometheus = f"http://127.0.0.1:{web_port}"
+    try:
+        steps = updates = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and train.poll() is None:
+            time.sleep(2)
+            try:
+                steps = _query(prometheus, "td3drive_env_steps_total")
+                updates = _query(prometheus, "td3drive_learner_updates_total")
+            except OSError:
+                continue  # Prometheus still starting
+            if steps and updates:
+                break
+        assert steps and steps > 0, "Prometheus never saw td3drive_env_steps_total > 0"
+        assert updates and updates > 0, "Prometheus never saw td3drive_learner_updates_total > 0"
+        assert _query(prometheus, 'up{job="td3drive"}') == 1.0
+    finally:
+        server.terminate()
+        train.terminate()
+        server.wait(timeout=30)
+        train.wait(timeout=60)
+
+
+# ------------------------------------------------------------ faults (in-process)
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_in_thread(run: TrainingRun) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = run.run()
+        except BaseException as exc:  # reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until(predicate: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.5)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(
+    ray_instance: None, tmp_path: Path
+) -> None:
+    config = config_from_dict(tiny_config(run={"total_env_steps": 600}))
+    run = TrainingRun(config, tmp_path / "run", log_line=lambda _: None)
+    thread, outcome = run_in_thread(run)
+    wait_until(lambda: run.progress.env_steps >= 64)
+    ray.kill(run.workers[0], no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["status"] == "completed" and summary["env_steps"] >= 600
+    assert summary["worker_restarts"] >= 1
+
+
+def test_a_killed_shard_comes_back_from_its_snapshot(ray_instance: None, tmp_path: Path) -> None:
+    config = config_from_dict(tiny_config(run={"total_env_steps": 800}))
+    run = TrainingRun(config, tmp_path / "run", log_line=lambda _: None)
+    thread, outcome = run_in_thread(run)
+    snapshot_dir = tmp_path / "run" / "checkpoints/replay/shard-0"
+    wait_until(lambda: run.progress.learner_updates >= 25 and any(snapshot_dir.glob("*.done")))
+    ray.kill(run.shards[0], no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"]["status"] == "completed"
+    stats = ray.get(run.shards[0].stats.remote())
+    assert stats["restored_from"] is not None  # the restarted shard loaded its snapshot
+    assert stats["size"] > 0
+
+
+def test_resume_continues_counters_and_weights(ray_instance: None, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = TrainingRun(
+        config_from_dict(tiny_config(run={"total_env_steps": 300})),
+        run_dir,
+        log_line=lambda _: None,
+    ).run()
+    saved = TD3Learner.from_checkpoint(run_dir / LEARNER_CHECKPOINT)
+    probe = {
+        "image": torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8),
+        "vector": torch.randn(1, 23),
+    }
+    with torch.no_grad():
+        before = saved.actor(probe["image"], probe["vector"]).numpy()
+
+    resumed = TrainingRun(
+        config_from_dict(tiny_config(run={"total_env_steps": 600})),
+        run_dir,
+        resume=True,
+        log_line=lambda _: None,
+    )
+    resumed._prepare_dir()
+    assert resumed.progress.env_steps == first["env_steps"]  # counters came back
+    resumed._start_ray()
+    resumed._start_services()
+    version, weights = ray.get(resumed.learner.policy_weights.remote())
+    assert version == first["learner_updates"]
+    policy = saved.actor
+    policy.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    with torch.no_grad():
+        np.testing.assert_array_equal(policy(probe["image"], probe["vector"]).numpy(), before)
+    resumed._loop()
+    second = resumed._finish()
+    assert second["env_steps"] >= 600 > first["env_steps"]
+    assert second["learner_updates"] > first["learner_updates"]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    ray_instance: None, tmp_path: Path
+) -> None:
+    # A learning rate no network survives: Q values overflow within a few updates.
+    config = config_from_dict(
+        tiny_config(
+            learner={
+                "actor_lr": 1e30,
+                "critic_lr": 1e30,
+                "critic_max_grad_norm": None,
+                "actor_max_grad_norm": None,
+            },
+            run={"total_env_steps": 5000, "checkpoint_every_updates": 1000},
+        )
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite") as error:
+        TrainingRun(config, run_dir, log_line=lambda _: None).run()
+    assert "last good checkpoint" in str(error.value)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"].startswith("failed: non-finite")
+    kept = TD3Learner.from_checkpoint(run_dir / LEARNER_CHECKPOINT)
+    assert kept.updates == 0  # saved before the divergence, never after it
+    assert all(torch.isfinite(p).all() for p in kept.actor.parameters())
+
+
+def test_config_type_is_the_resolved_model() -> None:
+    assert isinstance(config_from_dict(tiny_config()), TD3DriveConfig)
