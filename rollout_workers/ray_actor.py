@@ -19,7 +19,7 @@ import ray
 from buffer_service.ray_actor import ReplayWriter
 from learner.networks import build_policy, load_policy_weights
 from rollout_workers.evaluation import evaluate_policy, summarize
-from rollout_workers.worker import RolloutWorker
+from rollout_workers.worker import RolloutWorker, worker_env_kwargs
 from td3drive.config import TD3DriveConfig
 from td3drive.weights import WeightsBoard
 
@@ -109,9 +109,9 @@ class EvaluatorActor:
             version, wrapped = newer
             load_policy_weights(self.policy, ray.get(wrapped[0]))
         rollout = self.config.rollout
-        results = evaluate_policy(
-            self.policy, rollout.env_id, rollout.env_kwargs, episodes, rollout.seed
-        )
+        # The evaluator is the worker after the last one (its own CARLA server).
+        env_kwargs = worker_env_kwargs(rollout.env_kwargs, rollout.num_workers)
+        results = evaluate_policy(self.policy, rollout.env_id, env_kwargs, episodes, rollout.seed)
         return {"policy_version": version, "episodes": results, "summary": summarize(results)}
 
 

@@ -32,7 +32,7 @@ import rollout_workers  # noqa: F401  (registers the td3drive environments)
 from buffer_service.codec import Chunk, encode
 from learner.networks import build_policy, load_policy_weights
 from td3drive import spec
-from td3drive.config import LearnerConfig, RolloutConfig
+from td3drive.config import LearnerConfig, RolloutConfig, carla_for_worker
 from td3drive.spec import Transition
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,16 @@ class EnvironmentFailure(RuntimeError):
 
 WeightsSource = Callable[[int], "tuple[int, Mapping[str, np.ndarray]] | None"]
 """Called with the version a worker holds; returns newer ``(version, weights)`` or ``None``."""
+
+
+def worker_env_kwargs(env_kwargs: Mapping[str, Any], worker_index: int) -> dict[str, Any]:
+    """Environment kwargs of one worker: a ``carla`` section gets the worker's
+    own server ports (:func:`td3drive.config.carla_for_worker`); everything
+    else is shared."""
+    kwargs = dict(env_kwargs)
+    if isinstance(kwargs.get("carla"), Mapping):
+        kwargs["carla"] = carla_for_worker(dict(kwargs["carla"]), worker_index)
+    return kwargs
 
 
 class RolloutWorker:
@@ -83,7 +93,8 @@ class RolloutWorker:
         self.push = push
         self.weights_source = weights_source
         self.worker_index = worker_index
-        self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **rollout.env_kwargs))
+        env_kwargs = worker_env_kwargs(rollout.env_kwargs, worker_index)
+        self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **env_kwargs))
         self.seed = rollout.seed + 1000 * worker_index
         self.rng = np.random.default_rng(self.seed)
         self.policy = build_policy(learner.features_dim, learner.actor_hidden, learner.cnn)

@@ -224,6 +224,26 @@ class CarlaConfig(_Section):
     )
 
 
+def carla_for_worker(carla: dict[str, Any], index: int) -> dict[str, Any]:
+    """The CARLA settings of worker ``index`` from the base ones: RPC port
+    ``port + 3·index`` (a server also uses the next two ports), Traffic
+    Manager port ``tm_port + index``, seed ``seed + index``
+    (``deploy/carla/README.md``; ``start_carla_servers.sh`` uses the same plan).
+
+    Raises:
+        pydantic.ValidationError: invalid settings, or ports beyond 65535.
+    """
+    base = CarlaConfig.model_validate(carla)
+    return CarlaConfig.model_validate(
+        {
+            **base.model_dump(),
+            "port": base.port + 3 * index,
+            "tm_port": base.tm_port + index,
+            "seed": base.seed + index,
+        }
+    ).model_dump()
+
+
 class RolloutConfig(_Section):
     """Rollout workers: the environment, exploration and chunking."""
 

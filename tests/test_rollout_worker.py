@@ -140,3 +140,17 @@ def test_an_environment_that_always_fails_stops_the_worker() -> None:
 def test_an_environment_with_other_spaces_is_refused() -> None:
     with pytest.raises(ValueError, match="observation space"):
         make_worker([], env_id="CartPole-v1")
+
+
+def test_each_worker_gets_its_own_carla_server_ports() -> None:
+    from rollout_workers.worker import worker_env_kwargs
+
+    base = {"carla": {"host": "h", "port": 2000, "tm_port": 8000, "seed": 5}, "other": 1}
+    second = worker_env_kwargs(base, 2)
+    assert (second["carla"]["port"], second["carla"]["tm_port"], second["carla"]["seed"]) == (
+        2006,
+        8002,
+        7,
+    )
+    assert second["other"] == 1 and base["carla"]["port"] == 2000  # the base is untouched
+    assert worker_env_kwargs({"other": 1}, 3) == {"other": 1}
