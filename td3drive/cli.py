@@ -195,6 +195,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from td3drive.config import ConfigError, config_from_dict, load_config
     from td3drive.driver import (
+        LiveDisplay,
         TrainingError,
         TrainingRun,
         console_logger,
@@ -223,10 +224,22 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"td3drive: error: {exc}", file=sys.stderr)
         return 2
-    emit = console_logger()
+    display = LiveDisplay(config.run.total_env_steps) if sys.stderr.isatty() else None
+    emit = display.log if display is not None else console_logger()
     emit(f"run directory: {run_dir}")
     try:
-        summary = TrainingRun(config, run_dir, resume=bool(args.resume), log_line=emit).run()
+        run = TrainingRun(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            log_line=emit,
+            on_report=display.update if display is not None else None,
+        )
+        if display is not None:
+            with display:
+                summary = run.run()
+        else:
+            summary = run.run()
     except TrainingError as exc:
         print(f"td3drive: training stopped: {exc}", file=sys.stderr)
         return 1

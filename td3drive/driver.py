@@ -111,6 +111,8 @@ class TrainingRun:
         run_dir: the run directory; created if missing.
         resume: continue from ``checkpoints/`` (counters, learner, replay).
         log_line: where progress lines go (a TTY display or a logger).
+        on_report: called with each metrics line instead of logging it (a
+            live display).
     """
 
     def __init__(
@@ -119,11 +121,13 @@ class TrainingRun:
         run_dir: Path,
         resume: bool = False,
         log_line: Callable[[str], None] | None = None,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.resume = resume
         self.log_line = log_line or log.info
+        self.on_report = on_report
         self.progress = Progress(recent=deque(maxlen=config.run.recent_episodes))
         self.metrics = RunMetrics()
         self.learner_stats: dict[str, Any] = {}
@@ -425,6 +429,9 @@ class TrainingRun:
         with (self.run_dir / METRICS_FILE).open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         self._export(line)
+        if self.on_report is not None:
+            self.on_report(line)
+            return line
         ret = f"{episode['return_mean']:.1f}" if episode else "-"
         success = f"{episode['success_rate']:.0%}" if episode else "-"
         self.log_line(
@@ -530,3 +537,44 @@ def console_logger() -> Callable[[str], None]:
         print(f"[{stamp}] {line}", file=sys.stderr, flush=True)
 
     return emit
+
+
+class LiveDisplay:
+    """A live progress panel for a terminal (rich): env steps against the
+    budget, updates, episodes, recent return and success, steps/s and
+    updates/s. Use as a context manager; :meth:`log` prints above the panel."""
+
+    def __init__(self, total_env_steps: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]env steps"),
+            BarColumn(),
+            TextColumn("{task.completed:>8.0f}/{task.total:.0f}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+        )
+        self.task = self.progress.add_task("train", total=total_env_steps, status="starting")
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def log(self, line: str) -> None:
+        self.progress.console.log(line)
+
+    def update(self, line: dict[str, Any]) -> None:
+        episode = line.get("episode") or {}
+        status = (
+            f"updates {line['learner_updates']} | episodes {line['episodes']} | "
+            f"return {episode.get('return_mean', float('nan')):.1f} "
+            f"success {episode.get('success_rate', 0.0):.0%} | "
+            f"{line['env_steps_per_s']:.0f} steps/s {line['updates_per_s']:.2f} updates/s"
+        )
+        self.progress.update(self.task, completed=line["env_steps"], status=status)
