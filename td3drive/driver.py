@@ -551,7 +551,7 @@ class LiveDisplay:
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]env steps"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             TextColumn("{task.completed:>8.0f}/{task.total:.0f}"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
@@ -570,11 +570,14 @@ class LiveDisplay:
         self.progress.console.log(line)
 
     def update(self, line: dict[str, Any]) -> None:
-        episode = line.get("episode") or {}
+        episode = line.get("episode")
+        recent = (
+            f"return {episode['return_mean']:.1f} success {episode['success_rate']:.0%}"
+            if episode
+            else "no episode yet"
+        )
         status = (
-            f"updates {line['learner_updates']} | episodes {line['episodes']} | "
-            f"return {episode.get('return_mean', float('nan')):.1f} "
-            f"success {episode.get('success_rate', 0.0):.0%} | "
-            f"{line['env_steps_per_s']:.0f} steps/s {line['updates_per_s']:.2f} updates/s"
+            f"{line['learner_updates']} updates, {line['episodes']} episodes, {recent}, "
+            f"{line['env_steps_per_s']:.0f} steps/s, {line['updates_per_s']:.1f} updates/s"
         )
         self.progress.update(self.task, completed=line["env_steps"], status=status)
