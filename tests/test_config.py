@@ -92,7 +92,7 @@ def test_replay_section_validates_and_splits_over_shards(tmp_path: Path) -> None
     config = load_config(REPO / "deploy" / "local.yaml")
     replay = config.replay
     assert replay.per_shard(replay.capacity_transitions) == 50_000
-    assert replay.tolerance_for(64) == 64 + 64.0 * 64
+    assert replay.tolerance_for(64) == 64 + replay.replay_ratio * replay.chunk_steps
     with pytest.raises(ConfigError, match=r"batch_size \(256\) exceeds replay\.min_size_to_sample"):
         load_config(
             _write(tmp_path, "learner:\n  batch_size: 256\nreplay:\n  min_size_to_sample: 100\n")
