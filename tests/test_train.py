@@ -231,6 +231,7 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
     config_path.write_text(
         yaml.safe_dump(tiny_config(run={"metrics_port": metrics_port, "total_env_steps": 1500}))
     )
+    train_log = (tmp_path / "train.log").open("w")  # a pipe nobody reads could fill up
     train = subprocess.Popen(
         [
             sys.executable,
@@ -243,8 +244,7 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
             str(tmp_path / "run"),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=train_log,
     )
     server = subprocess.Popen(
         [
@@ -277,6 +277,7 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
         train.terminate()
         server.wait(timeout=30)
         train.wait(timeout=60)
+        train_log.close()
 
 
 # ------------------------------------------------------------ faults (in-process)
