@@ -9,6 +9,7 @@ Subcommands:
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
 * ``td3drive bench rollout``: collection speed of 1 and N workers.
+* ``td3drive bench learning``: encoder modes compared on the embedded simulator.
 * ``td3drive carla-check``: probe a CARLA server.
 
 Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
@@ -125,6 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.set_defaults(handler=_bench_rollout)
 
+    learning = benches.add_parser(
+        "learning",
+        help="encoder modes side by side: frozen, separate, shared, shared+shift",
+        description="Trains each variant (frozen / separate / shared / shared with random "
+        "shift) on the embedded simulator with the same config, budget and seeds, "
+        "evaluating the deterministic policy every --eval-every env steps, and writes "
+        "learning.json (mean and std over seeds per checkpoint, wall-clock, updates/s) and "
+        "learning.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    learning.add_argument(
+        "--config",
+        type=Path,
+        default=Path("deploy/bench-learning-cpu.yaml"),
+        help="base configuration",
+    )
+    learning.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
+    learning.add_argument("--env-steps", type=_positive_int, default=4000, help="budget per run")
+    learning.add_argument("--seeds", type=_positive_int, default=2, help="seeds per variant")
+    learning.add_argument(
+        "--eval-every", type=_positive_int, default=1000, help="env steps between evaluations"
+    )
+    learning.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    learning.add_argument(
+        "--variants",
+        default="frozen,separate,shared,shared+shift",
+        help="comma-separated subset of frozen,separate,shared,shared+shift",
+    )
+    learning.add_argument(
+        "--out", type=Path, default=Path("bench-results/learning"), help="output directory"
+    )
+    learning.set_defaults(handler=_bench_learning)
+
     train = commands.add_parser(
         "train",
         help="train on Ray from a YAML config until the env-step budget",
@@ -188,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_carla_check)
     return parser
+
+
+def _bench_learning(args: argparse.Namespace) -> int:
+    from td3drive.config import ConfigError, load_config
+    from td3drive.learning_bench import run_learning_benchmark
+
+    try:
+        base = load_config(args.config)
+        report = run_learning_benchmark(
+            base,
+            args.out,
+            env_steps=args.env_steps,
+            seeds=args.seeds,
+            eval_every=args.eval_every,
+            device=args.device,
+            variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (ConfigError, ValueError) as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    _emit(report, args.json)
+    print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

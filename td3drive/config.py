@@ -295,7 +295,13 @@ class RunConfig(_Section):
     checkpoint_every_updates: int = Field(
         500, ge=1, description="Learner updates between checkpoints (learner + replay)."
     )
-    eval_episodes: int = Field(3, ge=0, description="Deterministic episodes evaluated at the end.")
+    eval_episodes: int = Field(3, ge=0, description="Deterministic episodes per evaluation.")
+    eval_every_env_steps: int = Field(
+        0,
+        ge=0,
+        description="Env steps between evaluations during the run (eval.jsonl); 0 = only at "
+        "the end.",
+    )
     report_interval_s: float = Field(
         10.0, gt=0, description="Seconds between metrics.jsonl lines and log lines."
     )

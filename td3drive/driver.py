@@ -50,6 +50,7 @@ log = logging.getLogger("td3drive.train")
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.jsonl"
 STATE_FILE = "checkpoints/driver.json"
 LEARNER_CHECKPOINT = "checkpoints/learner.pt"
 REPLAY_SNAPSHOTS = "checkpoints/replay"
@@ -137,6 +138,7 @@ class TrainingRun:
         self._start = time.monotonic()
         self._last_checkpoint_updates = 0
         self._env_restarts_by_worker: dict[int, int] = {}
+        self._next_eval = config.run.eval_every_env_steps or None
 
     # ------------------------------------------------------------ setup
     def _prepare_dir(self) -> None:
@@ -266,6 +268,8 @@ class TrainingRun:
                 ref = self.workers[index].run.remote(cfg.worker_steps_per_call)
             elif kind == "flush":
                 ref = self.workers[index].flush.remote()
+            elif kind == "eval":
+                ref = self.evaluator.evaluate.remote(cfg.eval_episodes)
             else:
                 ref = self.learner.train.remote(cfg.learner_updates_per_call)
             pending[ref] = (kind, index)
@@ -286,10 +290,22 @@ class TrainingRun:
                         submit("worker", index)
                 elif kind == "flush":
                     self._collect_flush(ref, index)
+                elif kind == "eval":
+                    self._record_eval(ray.get(ref), at_steps=index)
                 else:
                     self._collect_learner(ref)
                     if phase != "stop":
                         submit("learner")
+            if (
+                phase == "collect"
+                and self._next_eval is not None
+                and self.progress.env_steps >= self._next_eval
+                and cfg.eval_episodes
+                and "eval" not in {kind for kind, _ in pending.values()}
+            ):
+                submit("eval", self.progress.env_steps)
+                while self._next_eval <= self.progress.env_steps:
+                    self._next_eval += cfg.eval_every_env_steps
             if phase == "collect" and self.progress.env_steps >= budget:
                 phase = "drain"
                 self.log_line(f"env-step budget {budget} reached; draining the workers")
@@ -484,10 +500,35 @@ class TrainingRun:
         if self.config.run.eval_episodes:
             self.log_line(f"evaluating the policy on {self.config.run.eval_episodes} episodes")
             result = ray.get(self.evaluator.evaluate.remote(self.config.run.eval_episodes))
+            self._record_eval(result, at_steps=self.progress.env_steps)
             evaluation = result["summary"]
             with (self.run_dir / "eval.json").open("w") as handle:
                 json.dump(result, handle, indent=2, default=float)
         return self._write_summary(status="completed", evaluation=evaluation)
+
+    def _record_eval(self, result: dict[str, Any], at_steps: int) -> None:
+        """Append one evaluation to ``eval.jsonl``: env steps when it was
+        started, the policy version evaluated, wall time and the summary."""
+        line = {
+            "env_steps": at_steps,
+            "policy_version": result["policy_version"],
+            "wall_s": self._wall_s(),
+            **result["summary"],
+        }
+        with (self.run_dir / EVAL_FILE).open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        self.log_line(
+            f"eval at {at_steps} env steps (policy {result['policy_version']}): return "
+            f"{line['return_mean']:.1f}, route {line['route_completion_mean'] or 0:.0%}"
+        )
+
+    def shutdown(self) -> None:
+        """Kill this run's actors (the Ray instance stays up)."""
+        for actor in [*getattr(self, "workers", []), *getattr(self, "shards", [])]:
+            ray.kill(actor)
+        for name in ("learner", "evaluator", "board"):
+            if hasattr(self, name):
+                ray.kill(getattr(self, name))
 
     def _write_summary(
         self, status: str, evaluation: dict[str, Any] | None = None

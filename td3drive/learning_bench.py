@@ -1,0 +1,184 @@
+"""``td3drive bench learning``: does it drive? Encoder modes side by side.
+
+Each variant trains with the same config, budget and seeds on the embedded
+simulator (a full :class:`td3drive.driver.TrainingRun` per variant and seed,
+evaluated every ``eval_every`` env steps with the deterministic policy):
+
+* ``frozen``: the CNN never trains (the reference system's failure);
+* ``separate``: actor and critic each train their own CNN;
+* ``shared``: one CNN trained by the critic loss (DrQ-v2), without augmentation;
+* ``shared+shift``: the same with DrQ random-shift augmentation (pad 4).
+
+Reported per variant and checkpoint: mean and standard deviation over seeds
+of evaluation return, success rate, route completion and mean speed (km/h),
+plus wall-clock and updates/s per run. Writes JSON and PNG learning curves.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from td3drive.config import TD3DriveConfig, config_from_dict
+
+Progress = Callable[[str], None]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "frozen": {"encoder": "frozen", "random_shift_pad": 0},
+    "separate": {"encoder": "separate", "random_shift_pad": 0},
+    "shared": {"encoder": "shared", "random_shift_pad": 0},
+    "shared+shift": {"encoder": "shared", "random_shift_pad": 4},
+}
+FIELDS = ("return_mean", "success_rate", "route_completion_mean", "mean_speed_kmh")
+
+
+def variant_config(
+    base: TD3DriveConfig, variant: str, seed: int, env_steps: int, eval_every: int, device: str
+) -> TD3DriveConfig:
+    """``base`` with the variant's encoder settings, the seed, budget and device."""
+    raw = base.model_dump(mode="json")
+    raw["learner"].update(VARIANTS[variant], seed=seed, device=device)
+    if variant == "frozen":
+        raw["learner"]["encoder_lr"] = None
+    raw["rollout"]["seed"] = seed
+    raw["run"].update(total_env_steps=env_steps, eval_every_env_steps=eval_every, metrics_port=None)
+    return config_from_dict(raw, source=f"bench learning: {variant}, seed {seed}")
+
+
+def aggregate(histories: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds at each evaluation index (runs are aligned by
+    order; ``env_steps`` is the mean of the runs' evaluation points)."""
+    length = min(len(h) for h in histories) if histories else 0
+    rows = []
+    for index in range(length):
+        points = [h[index] for h in histories]
+        row: dict[str, Any] = {"env_steps": float(np.mean([p["env_steps"] for p in points]))}
+        for key in FIELDS:
+            values = [float(p[key]) for p in points if p.get(key) is not None]
+            row[key] = {
+                "mean": float(np.mean(values)) if values else None,
+                "std": float(np.std(values)) if values else None,
+            }
+        rows.append(row)
+    return rows
+
+
+def run_learning_benchmark(
+    base: TD3DriveConfig,
+    out_dir: Path,
+    env_steps: int,
+    seeds: int,
+    eval_every: int,
+    device: str = "cpu",
+    variants: Sequence[str] = tuple(VARIANTS),
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """Train every variant for every seed; return (and write) the comparison.
+
+    Raises:
+        ValueError: an unknown variant.
+        td3drive.driver.TrainingError: a run failed (e.g. a NaN loss).
+    """
+    import ray
+
+    from td3drive.driver import EVAL_FILE, TrainingRun
+
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    try:
+        for variant in variants:
+            histories, runs = [], []
+            for seed in range(seeds):
+                config = variant_config(base, variant, seed, env_steps, eval_every, device)
+                run_dir = out_dir / "runs" / f"{variant}-seed{seed}"
+                progress(f"{variant}, seed {seed}: training {env_steps} env steps -> {run_dir}")
+                run = TrainingRun(config, run_dir, log_line=lambda _line: None)
+                summary = run.run()
+                run.shutdown()
+                history = [
+                    json.loads(line) for line in (run_dir / EVAL_FILE).read_text().splitlines()
+                ]
+                histories.append(history)
+                runs.append(
+                    {
+                        "seed": seed,
+                        "wall_s": summary["wall_s"],
+                        "updates_per_s": summary["updates_per_s"],
+                        "env_steps_per_s": summary["env_steps_per_s"],
+                        "learner_updates": summary["learner_updates"],
+                        "encoder_weight_delta": summary["encoder_weight_delta"],
+                        "final_eval": summary["eval"],
+                    }
+                )
+                final = summary["eval"]
+                progress(
+                    f"  done in {summary['wall_s']:.0f} s, {summary['updates_per_s']:.2f} "
+                    f"updates/s; final eval return {final['return_mean']:.1f}, route "
+                    f"{final['route_completion_mean']:.0%}"
+                )
+            results[variant] = {"runs": runs, "curve": aggregate(histories)}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    report = {
+        "benchmark": "learning",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "env_id": base.rollout.env_id,
+        "env_steps": env_steps,
+        "seeds": seeds,
+        "eval_every_env_steps": eval_every,
+        "eval_episodes": base.run.eval_episodes,
+        "base_config": base.model_dump(mode="json"),
+        "variants": results,
+        "machine": {"platform": platform.platform(), "processor": platform.machine()},
+    }
+    (out_dir / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(report, out_dir / "learning.png")
+    return report
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> Path:
+    """Mean ± std over seeds of each evaluation figure against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {
+        "return_mean": "evaluation return",
+        "success_rate": "success rate",
+        "route_completion_mean": "route completion",
+        "mean_speed_kmh": "mean speed (km/h)",
+    }
+    figure, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for variant, result in report["variants"].items():
+        curve = result["curve"]
+        steps = [row["env_steps"] for row in curve]
+        for axis, key in zip(axes, FIELDS, strict=True):
+            mean = np.array([row[key]["mean"] or 0.0 for row in curve])
+            std = np.array([row[key]["std"] or 0.0 for row in curve])
+            axis.plot(steps, mean, marker="o", label=variant)
+            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    for axis, key in zip(axes, FIELDS, strict=True):
+        axis.set_title(titles[key])
+        axis.set_xlabel("env steps")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(
+        f"td3drive bench learning: {report['seeds']} seed(s), {report['env_steps']} env steps, "
+        f"{report['device']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
