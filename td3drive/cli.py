@@ -5,6 +5,7 @@ Subcommands:
 * ``td3drive train``: the main job (see :mod:`td3drive.driver`).
 * ``td3drive evaluate``: the deterministic policy of a checkpoint.
 * ``td3drive report``: plots of a run directory.
+* ``td3drive sweep``: a grid of short trainings on Ray Tune.
 
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
@@ -159,6 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learning.set_defaults(handler=_bench_learning)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="short trainings over a grid of config values (Ray Tune), tabulated",
+        description="Runs one training per grid point as a Ray Tune trial (one at a time) "
+        "and tabulates each point's evaluation return, success, route completion, speed, "
+        "wall-clock and updates/s into OUT/sweep.md and OUT/sweep.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sweep.add_argument("--config", type=Path, required=True, help="base configuration")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="SECTION.KEY=V1,V2",
+        help="values to try (repeatable; the grid is their product)",
+    )
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a base value for every point, e.g. --set run.total_env_steps=2000",
+    )
+    sweep.add_argument("--out", type=Path, default=Path("bench-results/sweep"), help="output dir")
+    sweep.set_defaults(handler=_sweep)
+
     train = commands.add_parser(
         "train",
         help="train on Ray from a YAML config until the env-step budget",
@@ -246,6 +274,23 @@ def _bench_learning(args: argparse.Namespace) -> int:
     _emit(report, args.json)
     print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}", file=sys.stderr)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from td3drive.config import ConfigError, load_config
+    from td3drive.sweep import parse_grid, run_sweep
+
+    try:
+        base = load_config(args.config, args.overrides)
+        grid = parse_grid(args.grid)
+        rows = run_sweep(
+            base, grid, args.out, progress=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except ConfigError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2, default=str))
+    return 0 if all("error" not in row for row in rows) else 1
 
 
 def _train(args: argparse.Namespace) -> int:
