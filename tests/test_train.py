@@ -405,3 +405,68 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 def test_config_type_is_the_resolved_model() -> None:
     assert isinstance(config_from_dict(tiny_config()), TD3DriveConfig)
+
+
+# ------------------------------------------------------------ evidence commands
+def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(run={"total_env_steps": 200})))
+    learning = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "bench",
+            "learning",
+            "--config",
+            str(config_path),
+            "--env-steps",
+            "200",
+            "--seeds",
+            "1",
+            "--variants",
+            "frozen,shared",
+            "--eval-every",
+            "100",
+            "--out",
+            str(tmp_path / "learning"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert learning.returncode == 0, learning.stderr[-3000:]
+    report = json.loads((tmp_path / "learning" / "learning.json").read_text())
+    assert set(report["variants"]) == {"frozen", "shared"}
+    frozen, shared = report["variants"]["frozen"], report["variants"]["shared"]
+    assert len(frozen["curve"]) >= 2  # periodic evaluations plus the final one
+    assert frozen["runs"][0]["encoder_weight_delta"]["critic"] == 0.0
+    assert shared["runs"][0]["encoder_weight_delta"]["critic"] > 0.0
+    assert (tmp_path / "learning" / "learning.png").stat().st_size > 10_000
+
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "td3drive.cli",
+            "sweep",
+            "--config",
+            str(config_path),
+            "--grid",
+            "learner.critic_lr=1e-4,3e-4",
+            "--set",
+            "run.eval_episodes=1",
+            "--out",
+            str(tmp_path / "sweep"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sorted(row["point"]["learner.critic_lr"] for row in rows) == [1e-4, 3e-4]
+    assert all(row["eval_return_mean"] is not None and row["env_steps"] >= 200 for row in rows)
+    assert "critic_lr" in (tmp_path / "sweep" / "sweep.md").read_text()
