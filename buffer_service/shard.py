@@ -138,6 +138,19 @@ class ReplayShard:
             self._cond.notify_all()
             return sampled
 
+    def release_rate_limit(self) -> None:
+        """Stop enforcing the replay ratio (``min_size_to_sample`` still holds)
+        and wake every waiting call.
+
+        The driver calls this when collection ends: the last inserts and
+        samples of a run must not wait on each other across shards (a final
+        chunk blocked on one shard while the learner's sample waits on another
+        would never resolve).
+        """
+        with self._cond:
+            self._limiter.ratio = None
+            self._cond.notify_all()
+
     def update_priorities(self, ids: np.ndarray, td_errors: np.ndarray) -> int:
         """See :meth:`buffer_service.storage.ReplayStorage.update_priorities`."""
         with self._cond:

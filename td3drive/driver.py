@@ -308,6 +308,8 @@ class TrainingRun:
                     self._next_eval += cfg.eval_every_env_steps
             if phase == "collect" and self.progress.env_steps >= budget:
                 phase = "drain"
+                for shard in self.shards:  # let the last chunks land whatever the ratio
+                    shard.release_rate_limit.remote()
                 self.log_line(f"env-step budget {budget} reached; draining the workers")
             busy = {kind for kind, _ in pending.values()}
             if phase == "drain" and not busy & {"worker"}:

@@ -259,3 +259,18 @@ def test_concurrent_inserts_and_samples_never_see_partial_or_evicted_data() -> N
     assert not errors, errors
     assert seen_versions <= set(range(30))
     assert shard.stats()["evicted_chunks"] == 27
+
+
+def test_releasing_the_rate_limit_wakes_a_blocked_insert() -> None:
+    shard = make_shard(replay_ratio=1.0, replay_ratio_tolerance=16.0, min_size_to_sample=CHUNK)
+    data = payloads(3)
+    shard.insert(data[0])
+    shard.insert(data[1])  # the next insert must wait for samples...
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (shard.insert(data[2]), done.set()))
+    thread.start()
+    assert not done.wait(0.3)
+    shard.release_rate_limit()  # ...unless collection is over
+    assert done.wait(5)
+    thread.join()
+    assert shard.size() == 3 * CHUNK
