@@ -330,6 +330,13 @@ class TD3DriveConfig(_Section):
                 f"learner.batch_size ({self.learner.batch_size}) exceeds "
                 f"replay.min_size_to_sample ({self.replay.min_size_to_sample})"
             )
+        replay = self.replay
+        if replay.replay_ratio is not None and replay.max_pushes_in_flight < replay.num_shards:
+            raise ValueError(
+                f"replay.max_pushes_in_flight ({replay.max_pushes_in_flight}) must be at least "
+                f"replay.num_shards ({replay.num_shards}) with a replay ratio: a worker whose "
+                "only push waits on one shard could starve the shard the learner waits on"
+            )
         if self.replay.chunk_steps > self.replay.per_shard(self.replay.capacity_transitions):
             raise ValueError("replay.chunk_steps exceeds one shard's capacity_transitions")
         return self
