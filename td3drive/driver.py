@@ -41,6 +41,7 @@ import numpy as np
 import ray
 import yaml
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
 from td3drive.prometheus import RunMetrics, serve
@@ -54,6 +55,13 @@ EVAL_FILE = "eval.jsonl"
 STATE_FILE = "checkpoints/driver.json"
 LEARNER_CHECKPOINT = "checkpoints/learner.pt"
 REPLAY_SNAPSHOTS = "checkpoints/replay"
+
+
+# A run started inside a Ray Tune trial (td3drive sweep) must not be squeezed
+# into the trial's placement group: its actors reserve their own resources.
+_OUTSIDE_ANY_PLACEMENT_GROUP = {
+    "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
+}
 
 
 class TrainingError(RuntimeError):
@@ -189,7 +197,7 @@ class TrainingRun:
         cfg, run = self.config, self.config.run
         shard_class = remote_shard_class(num_cpus=run.shard_num_cpus)
         self.shards = [
-            shard_class.remote(
+            shard_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
                 cfg.replay,
                 cfg.learner.batch_size,
                 index,
@@ -198,17 +206,23 @@ class TrainingRun:
             )
             for index in range(cfg.replay.num_shards)
         ]
-        self.board = remote_weights_board_class().remote()
+        self.board = remote_weights_board_class().options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote()
         self._learner_class = remote_learner_actor_class(
             num_gpus=run.learner_num_gpus, num_cpus=run.learner_num_cpus
         )
         self.learner = self._new_learner()
         worker_class = remote_worker_class(num_cpus=run.worker_num_cpus)
         self.workers = [
-            worker_class.remote(cfg, self.shards, self.board, index)
+            worker_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
+                cfg, self.shards, self.board, index
+            )
             for index in range(cfg.rollout.num_workers)
         ]
-        self.evaluator = remote_evaluator_class(num_cpus=0).remote(cfg, self.board)
+        self.evaluator = (
+            remote_evaluator_class(num_cpus=0)
+            .options(**_OUTSIDE_ANY_PLACEMENT_GROUP)
+            .remote(cfg, self.board)
+        )
         device = ray.get(self.learner.device.remote())
         restored = [s for s in ray.get([s.stats.remote() for s in self.shards]) if s["size"]]
         self.log_line(
@@ -219,7 +233,7 @@ class TrainingRun:
 
     def _new_learner(self) -> Any:
         checkpoint = self.run_dir / LEARNER_CHECKPOINT
-        return self._learner_class.remote(
+        return self._learner_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
             self.config,
             self.shards,
             self.board,

@@ -37,8 +37,20 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         key, sep, values = item.partition("=")
         if not sep or "." not in key or not values:
             raise ConfigError(f"--grid {item!r}: expected section.key=v1,v2,...")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key] = [parse_value(v) for v in values.split(",")]
     return grid
+
+
+def parse_value(text: str) -> Any:
+    """A grid value: an int or float when it reads as one (``1e-4`` too,
+    which YAML 1.1 would keep as a string), else YAML (``true``, ``null``,
+    ``[64, 64]``, ``shared``)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text)
 
 
 def apply(base: TD3DriveConfig, point: dict[str, Any]) -> TD3DriveConfig:
@@ -113,7 +125,9 @@ def run_sweep(
     try:
         progress(f"sweep: {len(points)} grid points over {list(grid)}")
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"cpu": 0}),
+            # A trial only coordinates (its TrainingRun reserves what it uses); Tune
+            # refuses an empty resource request, hence the token CPU share.
+            tune.with_resources(trial, {"cpu": 0.01}),
             param_space={key: tune.grid_search(values) for key, values in grid.items()},
             tune_config=tune.TuneConfig(max_concurrent_trials=1),
             run_config=tune.RunConfig(name="sweep", storage_path=str(out_dir / "tune"), verbose=0),
