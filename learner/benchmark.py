@@ -14,7 +14,6 @@ measures ours with DrQ random shift, to show what it costs.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import platform
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.networks import ActorHead, TwinQHead, build_encoder
-from learner.td3 import TD3Learner, resolve_device
+from learner.td3 import TD3Learner, frozen_copy, resolve_device
 from td3drive.config import LearnerConfig
 from td3drive.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
 
@@ -53,10 +52,10 @@ class ReferenceTD3:
         )
         self.actor = ActorHead(config.features_dim, config.actor_hidden).to(device)
         self.critic = TwinQHead(config.features_dim, config.critic_hidden).to(device)
-        self.target_actor = _copy(self.actor)
-        self.target_critic = _copy(self.critic)
-        self.target_actor_encoder = _copy(self.actor_encoder) if self.separate else None
-        self.target_critic_encoder = _copy(self.critic_encoder) if self.separate else None
+        self.target_actor = frozen_copy(self.actor)
+        self.target_critic = frozen_copy(self.critic)
+        self.target_actor_encoder = frozen_copy(self.actor_encoder) if self.separate else None
+        self.target_critic_encoder = frozen_copy(self.critic_encoder) if self.separate else None
         actor_params = list(self.actor.parameters())
         if self.separate:
             actor_params += list(self.actor_encoder.parameters())
@@ -111,12 +110,6 @@ class ReferenceTD3:
             self.actor_optimizer.step()
             with torch.no_grad():
                 torch._foreach_lerp_(self.targets, self.online, cfg.tau)
-
-
-def _copy(module: torch.nn.Module) -> torch.nn.Module:
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone
 
 
 def synthetic_batches(batch_size: int, count: int, seed: int = 0) -> list[Batch]:

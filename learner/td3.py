@@ -147,13 +147,13 @@ class TD3Learner:
 
         # Targets. In `separate` mode they include the encoders; otherwise the
         # online encoder serves the target computation under no_grad.
-        self.target_actor_head = _frozen_copy(self.actor.head)
-        self.target_critic_heads = _frozen_copy(self.critic.heads)
+        self.target_actor_head = frozen_copy(self.actor.head)
+        self.target_critic_heads = frozen_copy(self.critic.heads)
         self.target_actor_encoder: nn.Module | None = None
         self.target_critic_encoder: nn.Module | None = None
         if self.mode == "separate":
-            self.target_actor_encoder = _frozen_copy(self.actor.encoder)
-            self.target_critic_encoder = _frozen_copy(self.critic.encoder)
+            self.target_actor_encoder = frozen_copy(self.actor.encoder)
+            self.target_critic_encoder = frozen_copy(self.critic.encoder)
         self._target_params, self._online_params = self._polyak_pairs()
 
         encoder_lr = config.encoder_lr
@@ -566,7 +566,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with ``requires_grad=False`` (a target network)."""
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone

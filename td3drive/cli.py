@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -296,7 +294,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from td3drive.config import ConfigError, config_from_dict, load_config
+    from td3drive.config import ConfigError, apply_overrides, config_from_dict, load_config
     from td3drive.driver import (
         LiveDisplay,
         TrainingError,
@@ -316,10 +314,7 @@ def _train(args: argparse.Namespace) -> int:
             config = load_run_config(run_dir)
             if overrides:
                 raw = config.model_dump(mode="json")
-                for item in overrides:
-                    key, _, value = item.partition("=")
-                    section, _, name = key.partition(".")
-                    raw.setdefault(section, {})[name] = yaml.safe_load(value)
+                apply_overrides(raw, overrides)
                 config = config_from_dict(raw, source=f"{run_dir}/config.yaml + --set")
         else:
             config = load_config(args.config, overrides)

@@ -378,8 +378,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        _apply_override(raw, item)
+    apply_overrides(raw, overrides)
     return config_from_dict(raw, source=str(path))
 
 
@@ -397,6 +396,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TD3DriveCon
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             problems.append(f"  {where}: {err['msg']}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from exc
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply ``section.key=value`` strings to a raw config mapping in place;
+    values are parsed as YAML.
+
+    Raises:
+        ConfigError: an item without ``=``, a path through a non-section, or
+            a value that is not valid YAML.
+    """
+    for item in overrides:
+        _apply_override(raw, item)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

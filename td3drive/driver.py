@@ -77,7 +77,6 @@ class Progress:
     learner_updates: int = 0
     worker_restarts: int = 0
     learner_restarts: int = 0
-    env_restarts: int = 0
     wall_s: float = 0.0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
 
@@ -88,7 +87,6 @@ class Progress:
             "learner_updates": self.learner_updates,
             "worker_restarts": self.worker_restarts,
             "learner_restarts": self.learner_restarts,
-            "env_restarts": self.env_restarts,
             "wall_s": self.wall_s,
         }
 
@@ -158,7 +156,8 @@ class TrainingRun:
         if self.resume and state_path.exists():
             state = json.loads(state_path.read_text())
             for key, value in state.items():
-                setattr(self.progress, key, value)
+                if key in Progress.__dataclass_fields__ and key != "recent":
+                    setattr(self.progress, key, value)
             self._last_checkpoint_updates = self.progress.learner_updates
 
     def _start_ray(self) -> None:
@@ -586,8 +585,8 @@ class TrainingRun:
 
 
 def console_logger() -> Callable[[str], None]:
-    """Progress lines: timestamped on stderr (a TTY gets the same lines; they
-    are short enough to read live)."""
+    """Timestamped progress lines on stderr, for runs without a terminal
+    (a TTY gets :class:`LiveDisplay` instead)."""
 
     def emit(line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
