@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learner.networks import ActorHead, TwinQHead, build_encoder
+from learner.networks import ActorHead, TwinQHead, encoder_for
 from learner.td3 import TD3Learner, frozen_copy, resolve_device
 from td3drive.config import LearnerConfig
 from td3drive.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
@@ -44,11 +44,9 @@ class ReferenceTD3:
         self.device = device
         self.separate = config.encoder == "separate"
         torch.manual_seed(config.seed)
-        self.critic_encoder = build_encoder(config.features_dim, config.cnn).to(device)
+        self.critic_encoder = encoder_for(config).to(device)
         self.actor_encoder = (
-            build_encoder(config.features_dim, config.cnn).to(device)
-            if self.separate
-            else self.critic_encoder
+            encoder_for(config).to(device) if self.separate else self.critic_encoder
         )
         self.actor = ActorHead(config.features_dim, config.actor_hidden).to(device)
         self.critic = TwinQHead(config.features_dim, config.critic_hidden).to(device)

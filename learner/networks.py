@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from td3drive import spec
+from td3drive.config import LearnerConfig
 
 
 def normalize_image(image: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,12 @@ class NatureCNN(nn.Module):
     conv 32×8×8 stride 4 → conv 64×4×4 stride 2 → conv 64×3×3 stride 1, ReLU
     after each, flatten (64×7×7 = 3136 for 84×84 input) → linear → ReLU.
 
+    With ``output="layernorm_tanh"`` the final ReLU is replaced by LayerNorm
+    then tanh (the trunk of SAC-AE, Yarats et al. 2019, and DrQ-v2, Yarats et
+    al. 2021), which keeps features in ``[−1, 1]`` however the convs train; with
+    the unbounded ReLU a trained encoder's features grow until the actor's
+    tanh saturates (``docs/benchmarks.md``, "Actor saturation").
+
     With ``pooled=True`` a 2×2 max-pool of stride 1 follows each conv's ReLU
     (the reference notes' variant); the flattened size is then 64×4×4 = 1024.
     The flattened size is computed from the input shape, never hard-coded.
@@ -57,8 +64,12 @@ class NatureCNN(nn.Module):
         features_dim: output width ``F``.
         pooled: add the max-pools.
         frame_size: input height and width, pixels.
+        output: ``"relu"`` (output ``≥ 0``) or ``"layernorm_tanh"`` (output in ``[−1, 1]``).
 
-    Input ``uint8[B, in_channels, frame_size, frame_size]``; output ``float32[B, F] ≥ 0``.
+    Input ``uint8[B, in_channels, frame_size, frame_size]``; output ``float32[B, F]``.
+
+    Raises:
+        ValueError: unknown ``output``.
     """
 
     def __init__(
@@ -67,8 +78,13 @@ class NatureCNN(nn.Module):
         features_dim: int = 512,
         pooled: bool = False,
         frame_size: int = spec.FRAME_SIZE,
+        output: str = "relu",
     ) -> None:
         super().__init__()
+        if output not in ("relu", "layernorm_tanh"):
+            raise ValueError(
+                f"unknown encoder output {output!r}; expected 'relu' or 'layernorm_tanh'"
+            )
         layers: list[nn.Module] = []
         channels = in_channels
         for out_channels, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
@@ -81,7 +97,11 @@ class NatureCNN(nn.Module):
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, in_channels, frame_size, frame_size)).shape[1]
         self.flat_dim = int(flat)
-        self.linear = nn.Sequential(nn.Linear(self.flat_dim, features_dim), nn.ReLU())
+        bound: list[nn.Module] = (
+            [nn.ReLU()] if output == "relu" else [nn.LayerNorm(features_dim), nn.Tanh()]
+        )
+        self.linear = nn.Sequential(nn.Linear(self.flat_dim, features_dim), *bound)
+        self.output = output
         self.features_dim = features_dim
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -109,8 +129,12 @@ class ActorHead(nn.Module):
         super().__init__()
         self.net = mlp(features_dim + spec.VECTOR_DIM, hidden, spec.ACTION_DIM)
 
+    def preactivation(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """The action before its tanh, ``float32[B, 2]``, unbounded."""
+        return self.net(torch.cat([features, vector], dim=1))
+
     def forward(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(torch.cat([features, vector], dim=1)))
+        return torch.tanh(self.preactivation(features, vector))
 
 
 class TwinQHead(nn.Module):
@@ -171,21 +195,39 @@ class Critic(nn.Module):
         return self.heads(self.encoder(image), vector, action)
 
 
-def build_encoder(features_dim: int = 512, cnn: str = "nature") -> NatureCNN:
-    """An encoder from the config's ``features_dim`` and ``cnn`` variant.
+def build_encoder(features_dim: int = 512, cnn: str = "nature", output: str = "relu") -> NatureCNN:
+    """An encoder from the config's ``features_dim``, ``cnn`` variant and
+    ``encoder_output``.
 
     Raises:
-        ValueError: unknown ``cnn`` variant.
+        ValueError: unknown ``cnn`` variant or ``output``.
     """
     if cnn not in ("nature", "pooled"):
         raise ValueError(f"unknown cnn variant {cnn!r}; expected 'nature' or 'pooled'")
-    return NatureCNN(features_dim=features_dim, pooled=cnn == "pooled")
+    return NatureCNN(features_dim=features_dim, pooled=cnn == "pooled", output=output)
 
 
-def build_policy(features_dim: int, actor_hidden: Sequence[int], cnn: str = "nature") -> Actor:
+def build_policy(
+    features_dim: int,
+    actor_hidden: Sequence[int],
+    cnn: str = "nature",
+    encoder_output: str = "relu",
+) -> Actor:
     """A freshly initialised :class:`Actor`, the shape a rollout worker loads
     :meth:`learner.td3.TD3Learner.policy_weights` into."""
-    return Actor(build_encoder(features_dim, cnn), ActorHead(features_dim, actor_hidden))
+    return Actor(
+        build_encoder(features_dim, cnn, encoder_output), ActorHead(features_dim, actor_hidden)
+    )
+
+
+def encoder_for(config: LearnerConfig) -> NatureCNN:
+    """:func:`build_encoder` with the architecture fields of a learner config."""
+    return build_encoder(config.features_dim, config.cnn, config.encoder_output)
+
+
+def policy_for(config: LearnerConfig) -> Actor:
+    """:func:`build_policy` with the architecture fields of a learner config."""
+    return build_policy(config.features_dim, config.actor_hidden, config.cnn, config.encoder_output)
 
 
 def read_only_tensor(array: np.ndarray) -> torch.Tensor:

@@ -38,7 +38,7 @@ from learner.networks import (
     ActorHead,
     Critic,
     TwinQHead,
-    build_encoder,
+    encoder_for,
     read_only_tensor,
 )
 from td3drive import metric_names as M
@@ -130,12 +130,8 @@ class TD3Learner:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            critic_encoder = build_encoder(config.features_dim, config.cnn)
-            actor_encoder = (
-                build_encoder(config.features_dim, config.cnn)
-                if self.mode == "separate"
-                else critic_encoder
-            )
+            critic_encoder = encoder_for(config)
+            actor_encoder = encoder_for(config) if self.mode == "separate" else critic_encoder
             self.actor = Actor(actor_encoder, ActorHead(config.features_dim, config.actor_hidden))
             self.critic = Critic(
                 critic_encoder, TwinQHead(config.features_dim, config.critic_hidden)
@@ -210,7 +206,7 @@ class TD3Learner:
             Metrics by the names in :mod:`td3drive.metric_names`: critic loss,
             mean Q1/Q2 and TD target, critic grad norms before and after
             clipping, encoder weight change, learning rates, and on actor steps
-            the actor loss and actor grad norms.
+            the actor loss, actor saturation and actor grad norms.
 
         Raises:
             td3drive.spec.SpecError: the batch breaks the contract (field named);
@@ -262,13 +258,21 @@ class TD3Learner:
                 actor_features = self.actor.encoder(obs_image)
             else:
                 actor_features = critic_features
-            policy_action = self.actor.head(actor_features, obs_vector)
+            preactivation = self.actor.head.preactivation(actor_features, obs_vector)
+            policy_action = torch.tanh(preactivation)
             actor_loss = -self.critic.heads.q1_only(
                 critic_features, obs_vector, policy_action
             ).mean()
+            if cfg.action_preactivation_penalty:
+                actor_loss = actor_loss + cfg.action_preactivation_penalty * (
+                    preactivation.square().mean()
+                )
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
             values[M.ACTOR_LOSS] = actor_loss.detach()
+            values[M.ACTOR_SATURATION] = (
+                (policy_action.detach().abs() > M.ACTOR_SATURATION_THRESHOLD).float().mean()
+            )
             values[M.ACTOR_GRAD_NORM_PRECLIP], values[M.ACTOR_GRAD_NORM_POSTCLIP] = (
                 self._checked_clip("actor", values, self._actor_params, cfg.actor_max_grad_norm)
             )

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from buffer_service.ray_actor import ReplayWriter
-from learner.networks import build_policy, load_policy_weights
+from learner.networks import load_policy_weights, policy_for
 from rollout_workers.evaluation import evaluate_policy, summarize
 from rollout_workers.worker import RolloutWorker, worker_env_kwargs
 from td3drive.config import TD3DriveConfig
@@ -95,7 +95,7 @@ class EvaluatorActor:
         self.config = config
         self._board = weights_board
         learner = config.learner
-        self.policy = build_policy(learner.features_dim, learner.actor_hidden, learner.cnn)
+        self.policy = policy_for(learner)
 
     def evaluate(self, episodes: int) -> dict[str, Any]:
         """Run ``episodes`` episodes with the newest weights.

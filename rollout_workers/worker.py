@@ -30,7 +30,7 @@ import torch
 
 import rollout_workers  # noqa: F401  (registers the td3drive environments)
 from buffer_service.codec import Chunk, encode
-from learner.networks import build_policy, load_policy_weights
+from learner.networks import load_policy_weights, policy_for
 from td3drive import spec
 from td3drive.config import LearnerConfig, RolloutConfig, carla_for_worker
 from td3drive.spec import Transition
@@ -97,7 +97,7 @@ class RolloutWorker:
         self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **env_kwargs))
         self.seed = rollout.seed + 1000 * worker_index
         self.rng = np.random.default_rng(self.seed)
-        self.policy = build_policy(learner.features_dim, learner.actor_hidden, learner.cnn)
+        self.policy = policy_for(learner)
         self.policy.eval()
         self.policy_version = -1
         self.env = self._make_env()

@@ -358,7 +358,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from learner.networks import build_policy, load_policy_weights
+    from learner.networks import load_policy_weights, policy_for
     from learner.td3 import CheckpointError, TD3Learner
     from rollout_workers.evaluation import evaluate_policy, summarize
 
@@ -368,7 +368,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"td3drive: error: {exc}", file=sys.stderr)
         return 2
     config = learner.config
-    policy = build_policy(config.features_dim, config.actor_hidden, config.cnn)
+    policy = policy_for(config)
     load_policy_weights(policy, learner.policy_weights()[1])
     episodes = evaluate_policy(policy, args.env, None, args.episodes, args.seed)
     result = {

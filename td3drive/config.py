@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 EncoderMode = Literal["separate", "shared", "frozen"]
 CnnVariant = Literal["nature", "pooled"]
+EncoderOutput = Literal["relu", "layernorm_tanh"]
 
 
 class _Section(BaseModel):
@@ -55,6 +56,18 @@ class LearnerConfig(_Section):
         description="'nature': NatureCNN (Mnih et al. 2015); 'pooled': the same with a 2x2 "
         "stride-1 max-pool after each conv (the reference notes' variant).",
     )
+    # Default 'layernorm_tanh' on evidence (docs/benchmarks.md, "Actor
+    # saturation"): with NatureCNN's unbounded ReLU output, trained encoders
+    # grow their features until the actor's tanh saturates at +-1 on every
+    # sample within ~250 updates on the driving task (frozen did not). A
+    # bounded trunk, as in SAC-AE and DrQ-v2, prevents it.
+    encoder_output: EncoderOutput = Field(
+        "layernorm_tanh",
+        description="The encoder's last layer after its linear projection: 'relu' (NatureCNN "
+        "as in Mnih et al. 2015 / SB3; unbounded features) or 'layernorm_tanh' (LayerNorm "
+        "then tanh, features in [-1, 1], as the trunk of SAC-AE, Yarats et al. 2019, and "
+        "DrQ-v2, Yarats et al. 2021).",
+    )
     features_dim: int = Field(512, ge=1, description="Encoder output width.")
     actor_hidden: tuple[int, ...] = Field(
         (256, 256), min_length=1, description="Hidden widths of the actor MLP head."
@@ -82,6 +95,13 @@ class LearnerConfig(_Section):
     )
     policy_delay: int = Field(
         2, ge=1, description="Critic updates per actor and target update (TD3's d)."
+    )
+    action_preactivation_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="Weight lambda of lambda * mean(u^2) added to the actor loss, where "
+        "u is the actor's action before tanh; keeps the tanh out of saturation "
+        "(0 = the TD3 paper's loss).",
     )
     actor_max_grad_norm: float | None = Field(
         10.0,

@@ -17,6 +17,12 @@ Q2_MEAN = "values/q2_mean"
 TARGET_Q_MEAN = "values/target_q_mean"
 """Mean TD target r + discount · min(Q1', Q2')."""
 
+ACTOR_SATURATION = "policy/actor_saturation"
+"""Share of the actor step's action components with ``|a| > 0.99``: the tanh
+output is saturated there and passes almost no gradient. Near 1 the actor is
+stuck at the action bounds (docs/benchmarks.md, "Actor saturation")."""
+ACTOR_SATURATION_THRESHOLD = 0.99
+
 # Gradient norms (global L2 over the network incl. its encoder).
 ACTOR_GRAD_NORM_PRECLIP = "grads/actor_norm_preclip"
 """The value clip_grad_norm_ returns: the norm before clipping."""

@@ -44,14 +44,14 @@ def _bare_env_steps_per_s(env_id: str, steps: int) -> float:
 
 
 def _inference_latency_ms(repeats: int = 200) -> dict[str, float]:
-    from learner.networks import build_policy
+    from learner.networks import policy_for
     from td3drive.config import LearnerConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         config = LearnerConfig()
-        policy = build_policy(config.features_dim, config.actor_hidden, config.cnn).eval()
+        policy = policy_for(config).eval()
         image = torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8)
         vector = torch.zeros(1, 23)
         times = []
@@ -85,7 +85,7 @@ def run_rollout_benchmark(
     import ray
 
     from buffer_service.ray_actor import remote_shard_class
-    from learner.networks import build_policy
+    from learner.networks import policy_for
     from rollout_workers.ray_actor import remote_weights_board_class, remote_worker_class
     from td3drive.config import config_from_dict
 
@@ -121,7 +121,7 @@ def run_rollout_benchmark(
             shard_class = remote_shard_class(num_cpus=0)
             shards = [shard_class.remote(config.replay, 64, i) for i in range(count)]
             board = remote_weights_board_class().remote()
-            policy = build_policy(512, (256, 256))
+            policy = policy_for(config.learner)
             weights = {k: v.numpy() for k, v in policy.state_dict().items()}
             ray.get(board.publish.remote(0, [ray.put(weights)]))
             actors = [

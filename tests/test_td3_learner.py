@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.networks import build_policy, load_policy_weights
+from learner.networks import load_policy_weights, policy_for
 from learner.td3 import CheckpointError, NonFiniteLossError, TD3Learner
 from td3drive import metric_names as M
 from td3drive.config import LearnerConfig
@@ -252,7 +252,9 @@ def test_targets_move_by_exactly_tau(mode: str, batch: Batch) -> None:
         for name, value in target.state_dict().items():
             expected = old[name] + tau * (new_online[name] - old[name])
             assert not torch.equal(old[name], value), f"{name} did not move"
-            torch.testing.assert_close(value, expected, rtol=0, atol=1e-7, msg=name)
+            # Two float32 roundings apart at most (LayerNorm weights sit near 1.0,
+            # where one ulp is 1.2e-7); a move by the wrong rate is ~1e-4 off.
+            torch.testing.assert_close(value, expected, rtol=2.5e-7, atol=1e-7, msg=name)
 
 
 def test_targets_do_not_move_between_delayed_updates(batch: Batch) -> None:
@@ -365,15 +367,16 @@ def test_clipping_bounds_postclip_norm_and_reports_true_preclip_norm(mode: str) 
     assert metrics[M.CRITIC_GRAD_NORM_PRECLIP] == pytest.approx(expected_preclip, rel=1e-4)
     critic_grads = [p.grad for p in learner.critic.parameters() if p.grad is not None]
     critic_post = float(torch.sqrt(sum((g.double() ** 2).sum() for g in critic_grads)))
-    assert critic_post <= max_norm + 1e-6
+    # float32 norms of ~1e6-sized gradients carry ~1e-6 relative rounding.
+    assert critic_post <= max_norm * (1 + 1e-5)
     assert metrics[M.CRITIC_GRAD_NORM_POSTCLIP] == pytest.approx(critic_post, rel=1e-5)
-    assert metrics[M.CRITIC_GRAD_NORM_POSTCLIP] <= max_norm + 1e-6
+    assert metrics[M.CRITIC_GRAD_NORM_POSTCLIP] <= max_norm * (1 + 1e-5)
 
     actor_grads = [p.grad for p in learner.actor_optimizer.param_groups[0]["params"]]
     if mode == "separate":
         actor_grads += [p.grad for p in learner.actor.encoder.parameters()]
     actor_post = float(torch.sqrt(sum((g.double() ** 2).sum() for g in actor_grads)))
-    assert actor_post <= 1e-4 + 1e-6
+    assert actor_post <= 1e-4 * (1 + 1e-5)
     assert metrics[M.ACTOR_GRAD_NORM_PRECLIP] > 1e-4
     assert metrics[M.ACTOR_GRAD_NORM_POSTCLIP] == pytest.approx(actor_post, rel=1e-5)
 
@@ -529,7 +532,7 @@ def test_policy_weights_load_into_a_worker_policy(mode: str, batch: Batch) -> No
     learner.update(batch)
     version, weights = learner.policy_weights()
     assert version == learner.updates == 1
-    policy = build_policy(SMALL["features_dim"], SMALL["actor_hidden"])  # type: ignore[arg-type]
+    policy = policy_for(learner.config)
     assert set(weights) == set(policy.state_dict())
     assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in weights.values())
     load_policy_weights(policy, weights)
