@@ -108,7 +108,9 @@ class LearnerActor:
         """Run up to ``num_updates`` updates (fewer if :meth:`stop` is called).
 
         Returns:
-            ``{"updates" (total), "done" (this call), "metrics" (last update's),
+            ``{"updates" (total), "done" (this call), "metrics" (the latest
+            value of each metric: critic ones from the last update, actor ones
+            from the last actor step),
             "updates_per_s", "policy_lag_updates_mean" (this call),
             "grad_norm" (running maxima), "sample_wait_s_total"}``.
 
@@ -131,7 +133,7 @@ class LearnerActor:
                 continue
             self.sample_wait_s_total += time.perf_counter() - waited
             lags.append(float(self.learner.updates - np.mean(sample.sampled.policy_versions)))
-            metrics = self.learner.update(sample.sampled.batch)
+            metrics.update(self.learner.update(sample.sampled.batch))
             done += 1
             for name, key in GRAD_KEYS.items():
                 if key in metrics:

@@ -34,6 +34,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from td3drive.learning_bench import DEFAULT_VARIANTS, VARIANTS
+
     parser = argparse.ArgumentParser(
         prog="td3drive",
         description="Distributed TD3 from pixels on Ray: train, evaluate and benchmark "
@@ -150,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     learning.add_argument(
         "--variants",
-        default="frozen,separate,shared,shared+shift",
-        help="comma-separated subset of frozen,separate,shared,shared+shift",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated variants from " + ",".join(VARIANTS) + " (separate-relu-plain: "
+        "the earlier NatureCNN ReLU output without the pre-tanh penalty)",
     )
     learning.add_argument(
         "--out", type=Path, default=Path("bench-results/learning"), help="output directory"
@@ -421,6 +424,7 @@ def _bench_rollout(args: argparse.Namespace) -> int:
 def _racetrack_transitions(count: int) -> list[Any]:
     """``count`` transitions of the embedded simulator driven by the scripted
     lane follower with N(0, 0.3) steering noise (long, varied episodes)."""
+
     import gymnasium as gym
     import numpy as np
 

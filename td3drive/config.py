@@ -96,8 +96,12 @@ class LearnerConfig(_Section):
     policy_delay: int = Field(
         2, ge=1, description="Critic updates per actor and target update (TD3's d)."
     )
+    # Default 0.01 on evidence (docs/benchmarks.md, "Actor saturation"): on the
+    # driving task the 'separate' actor pinned both actions at +-1 within 250
+    # updates without it (with either encoder output, and with encoder_lr
+    # 1e-5); with 0.01 no action saturated. Not in the TD3 paper.
     action_preactivation_penalty: float = Field(
-        0.0,
+        0.01,
         ge=0,
         description="Weight lambda of lambda * mean(u^2) added to the actor loss, where "
         "u is the actor's action before tanh; keeps the tanh out of saturation "

@@ -43,6 +43,7 @@ import yaml
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from td3drive import metric_names as M
 from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
 from td3drive.prometheus import RunMetrics, serve
 
@@ -570,9 +571,10 @@ class TrainingRun:
                 "compression_ratio": replay["compression_ratio"],
             },
             "encoder_weight_delta": {
-                "actor": metrics.get("encoders/actor_weight_delta", 0.0),
-                "critic": metrics.get("encoders/critic_weight_delta", 0.0),
+                "actor": metrics.get(M.ACTOR_ENCODER_WEIGHT_DELTA, 0.0),
+                "critic": metrics.get(M.CRITIC_ENCODER_WEIGHT_DELTA, 0.0),
             },
+            "actor_saturation": metrics.get(M.ACTOR_SATURATION),
             "grad_norm": self.learner_stats.get("grad_norm", {}),
             "policy_lag_updates_mean": lag,
             "worker_restarts": self.progress.worker_restarts,

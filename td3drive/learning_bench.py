@@ -7,7 +7,13 @@ evaluated every ``eval_every`` env steps with the deterministic policy):
 * ``frozen``: the CNN never trains (the reference system's failure);
 * ``separate``: actor and critic each train their own CNN;
 * ``shared``: one CNN trained by the critic loss (DrQ-v2), without augmentation;
-* ``shared+shift``: the same with DrQ random-shift augmentation (pad 4).
+* ``shared+shift``: the same with DrQ random-shift augmentation (pad 4);
+* ``separate-relu-plain`` (not run unless asked for): ``separate`` with the
+  earlier defaults, NatureCNN's unbounded ReLU output and TD3's loss without
+  the pre-tanh penalty, the setting whose actor saturated.
+
+Every variant keeps the base config's other learner settings (encoder output,
+pre-tanh penalty, learning rates) unless its entry in :data:`VARIANTS` sets them.
 
 Reported per variant and checkpoint: mean and standard deviation over seeds
 of evaluation return, success rate, route completion and mean speed (km/h),
@@ -34,7 +40,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "separate": {"encoder": "separate", "random_shift_pad": 0},
     "shared": {"encoder": "shared", "random_shift_pad": 0},
     "shared+shift": {"encoder": "shared", "random_shift_pad": 4},
+    "separate-relu-plain": {
+        "encoder": "separate",
+        "random_shift_pad": 0,
+        "encoder_output": "relu",
+        "action_preactivation_penalty": 0.0,
+    },
 }
+DEFAULT_VARIANTS = ("frozen", "separate", "shared", "shared+shift")
 FIELDS = ("return_mean", "success_rate", "route_completion_mean", "mean_speed_kmh")
 
 
@@ -76,7 +89,7 @@ def run_learning_benchmark(
     seeds: int,
     eval_every: int,
     device: str = "cpu",
-    variants: Sequence[str] = tuple(VARIANTS),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Train every variant for every seed; return (and write) the comparison.
@@ -116,6 +129,7 @@ def run_learning_benchmark(
                         "env_steps_per_s": summary["env_steps_per_s"],
                         "learner_updates": summary["learner_updates"],
                         "encoder_weight_delta": summary["encoder_weight_delta"],
+                        "actor_saturation": summary.get("actor_saturation"),
                         "final_eval": summary["eval"],
                     }
                 )
@@ -125,10 +139,30 @@ def run_learning_benchmark(
                     f"updates/s; final eval return {final['return_mean']:.1f}, route "
                     f"{final['route_completion_mean']:.0%}"
                 )
-            results[variant] = {"runs": runs, "curve": aggregate(histories)}
+                # Written after every run, so an interrupted comparison keeps
+                # what it measured.
+                results[variant] = {"runs": runs, "curve": aggregate(histories)}
+                write_report(
+                    out_dir, base, results, env_steps, seeds, eval_every, device, final=False
+                )
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    return write_report(out_dir, base, results, env_steps, seeds, eval_every, device, final=True)
+
+
+def write_report(
+    out_dir: Path,
+    base: TD3DriveConfig,
+    results: dict[str, Any],
+    env_steps: int,
+    seeds: int,
+    eval_every: int,
+    device: str,
+    final: bool,
+) -> dict[str, Any]:
+    """Write ``learning.json`` and ``learning.png`` in ``out_dir``; ``complete``
+    is false while runs are still missing."""
     report = {
         "benchmark": "learning",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -139,6 +173,7 @@ def run_learning_benchmark(
         "eval_every_env_steps": eval_every,
         "eval_episodes": base.run.eval_episodes,
         "base_config": base.model_dump(mode="json"),
+        "complete": final,
         "variants": results,
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
     }

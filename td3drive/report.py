@@ -225,7 +225,10 @@ def learner_figure(
     Panels:
 
     1. critic loss: the sum of both critics' mean squared TD errors (log scale);
-    2. actor loss: −mean Q1 of the actor's action (lower = higher Q);
+    2. actor loss: −mean Q1 of the actor's action plus the pre-tanh penalty
+       (lower = higher Q), and on the right axis the actor saturation, the
+       share of actions at ±1 (near 1: the tanh passes no gradient and the
+       policy is stuck at the bounds);
     3. Q values: mean Q1, mean Q2 and the mean TD target (diverging or
        steadily growing values are overestimation);
     4. actor gradient L2 norm before and after clipping (log scale), with
@@ -249,7 +252,19 @@ def learner_figure(
     _style(ax, "Critic loss (TD MSE, both critics)", "loss (log)", xlabel, log=True)
     ax = axes[1]
     _plot(ax, records, x, key(M.ACTOR_LOSS), "actor", color="C1")
-    _style(ax, "Actor loss (−mean Q1)", "loss", xlabel)
+    _style(ax, "Actor loss (−mean Q1 + penalty), saturation", "loss", xlabel)
+    saturation_ax = ax.twinx()
+    _plot(
+        saturation_ax,
+        records,
+        x,
+        key(M.ACTOR_SATURATION),
+        "saturation",
+        color="C3",
+        linestyle=":",
+    )
+    saturation_ax.set_ylim(-0.02, 1.02)
+    saturation_ax.set_ylabel("share of actions at ±1", color="C3")
     for ax in axes[:2]:
         for name in (M.CRITIC_LOSS, M.ACTOR_LOSS):
             bad = _first_non_finite(records, x, key(name))

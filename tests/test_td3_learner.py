@@ -179,6 +179,58 @@ def test_actor_loss_uses_the_critics_own_encoder_features(batch: Batch) -> None:
     assert metrics[M.ACTOR_LOSS] != pytest.approx(float(wrong), rel=1e-3)
 
 
+def test_actor_loss_adds_the_preactivation_penalty_and_reports_saturation(batch: Batch) -> None:
+    penalty = 0.25
+    learner = make_learner(
+        encoder="separate",
+        policy_delay=1,
+        critic_lr=0.0,
+        encoder_lr=0.0,
+        policy_noise=0.0,
+        action_preactivation_penalty=penalty,
+    )
+    # Scale the last layer so some actions saturate and some do not.
+    with torch.no_grad():
+        learner.actor.head.net[-1].weight.mul_(40.0)
+    image = torch.from_numpy(batch.obs_image)
+    vector = torch.from_numpy(batch.obs_vector)
+    with torch.no_grad():
+        critic_features = learner.critic.encoder(image)
+        pre = learner.actor.head.preactivation(learner.actor.encoder(image), vector)
+        action = torch.tanh(pre)
+        q_term = -learner.critic.heads.q1_only(critic_features, vector, action).mean()
+        expected = q_term + penalty * pre.square().mean()
+        saturation = (action.abs() > 0.99).float().mean()
+    assert 0.0 < float(saturation) < 1.0, "the case does not exercise the metric"
+    assert float(penalty * pre.square().mean()) > 1e-3, "the penalty is too small to see"
+
+    metrics = learner.update(batch)
+    assert metrics[M.ACTOR_LOSS] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics[M.ACTOR_SATURATION] == pytest.approx(float(saturation))
+
+
+def test_the_penalty_pulls_a_saturated_actor_back(batch: Batch) -> None:
+    # A saturated tanh passes almost no gradient from Q; the penalty's gradient
+    # acts on the pre-activation directly, so it still moves the actor.
+    def saturation_after(penalty: float) -> float:
+        learner = make_learner(
+            encoder="separate",
+            policy_delay=1,
+            critic_lr=0.0,
+            encoder_lr=0.0,
+            actor_lr=1e-2,
+            action_preactivation_penalty=penalty,
+        )
+        with torch.no_grad():
+            learner.actor.head.net[-1].bias.fill_(4.0)  # tanh(4) = 0.9993
+        for _ in range(20):
+            metrics = learner.update(batch)
+        return metrics[M.ACTOR_SATURATION]
+
+    assert saturation_after(0.0) == 1.0
+    assert saturation_after(1.0) < 0.5
+
+
 # ---------------------------------------------- each step touches its own network
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_actor_step_leaves_critic_bit_identical(mode: str, batch: Batch) -> None:
