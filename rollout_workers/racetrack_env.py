@@ -11,7 +11,9 @@ Frames of reference: highway-env's world is a right-handed x/y plane with
 headings counter-clockwise, so its lane ``lateral`` coordinate is positive to
 the left and needs no flip; its steering angle is positive to the left, so
 our ``steer`` (positive right) is negated. Its action order is
-``[acceleration, steering]``; ours is ``[steer, throttle_brake]``.
+``[acceleration, steering]``; ours is ``[steer, throttle_brake]``. Its cars reverse under
+negative acceleration; ours brake to a standstill (``throttle_brake < 0`` is a
+brake, as in CARLA).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from td3drive import spec
 from td3drive.config import DrivingTaskConfig
 
 POLICY_FREQUENCY_HZ = 5
+MAX_SPEED_MPS = 40.0
+"""highway-env's own top speed for its vehicles."""
 SIMULATION_FREQUENCY_HZ = 15
 
 
@@ -86,7 +90,15 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
                     "weights": [0.2989, 0.5870, 0.1140],
                     "scaling": 1.75,
                 },
-                "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
+                # speed_range: highway-env's kinematic model reverses under
+                # negative acceleration; our throttle_brake < 0 is a brake
+                # (as in CARLA), so the ego car stops at 0 (see step()).
+                "action": {
+                    "type": "ContinuousAction",
+                    "longitudinal": True,
+                    "lateral": True,
+                    "speed_range": [0.0, MAX_SPEED_MPS],
+                },
                 "offscreen_rendering": True,
                 "other_vehicles": other_vehicles,
                 "simulation_frequency": SIMULATION_FREQUENCY_HZ,
@@ -131,6 +143,10 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         observation, _, _, _, _ = self._sim.step(np.array([throttle_brake, -steer], np.float32))
 
         vehicle = self._sim.vehicle
+        if vehicle.speed < 0.0:
+            # highway-env only pushes a speed below its minimum back up; a
+            # brake holds the car at a standstill instead of reversing.
+            vehicle.speed = 0.0
         _, heading_error = self._lane_coordinates()
         progress = float(vehicle.speed) * math.cos(heading_error) * self.dt
         state = self._state(progress)

@@ -240,6 +240,7 @@ def _healthy() -> dict[str, str]:
         _s("td3drive_learner_grad_norm", network="critic", stage="postclip"): _ramp(5),
         _s("td3drive_learner_encoder_weight_delta_ratio", network="actor"): _ramp(0, 0.001),
         _s("td3drive_learner_encoder_weight_delta_ratio", network="critic"): _ramp(0, 0.001),
+        _s("td3drive_learner_actor_saturation_ratio"): _ramp(0.05),
         _s("td3drive_rate_limiter_wait_seconds_total", shard="0", side="sample"): _ramp(0, 6),
         _s("td3drive_rate_limiter_wait_seconds_total", shard="0", side="insert"): _ramp(0, 6),
         _s("td3drive_replay_size_transitions", shard="0"): _ramp(50_000),
@@ -268,6 +269,11 @@ FAILURES: list[tuple[str, dict[str, str], list[dict[str, str]]]] = [
         "TD3DriveEncodersNotLearning",
         {_s("td3drive_learner_encoder_weight_delta_ratio", network="actor"): _ramp(0)},
         [{"network": "actor"}],
+    ),
+    (
+        "TD3DriveActorSaturated",
+        {_s("td3drive_learner_actor_saturation_ratio"): _ramp(1.0)},
+        [{}],
     ),
     (
         "TD3DriveQValuesOutOfRange",
