@@ -161,8 +161,9 @@ def write_report(
     device: str,
     final: bool,
 ) -> dict[str, Any]:
-    """Write ``learning.json`` and ``learning.png`` in ``out_dir``; ``complete``
-    is false while runs are still missing."""
+    """Write ``learning.json``, ``learning.md`` (the final-evaluation table) and
+    ``learning.png`` in ``out_dir``; ``complete`` is false while runs are still
+    missing."""
     report = {
         "benchmark": "learning",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -178,8 +179,61 @@ def write_report(
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
     }
     (out_dir / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "learning.md").write_text(markdown_table(report))
     plot_curves(report, out_dir / "learning.png")
     return report
+
+
+def _spread(values: Sequence[float], digits: int, scale: float = 1.0) -> str:
+    if not values:
+        return "—"
+    array = np.asarray(values, dtype=float) * scale
+    return f"{array.mean():.{digits}f} ({array.std():.{digits}f})"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The final evaluation of every variant: mean (std) over seeds of return,
+    success, route completion and speed, plus wall-clock, updates/s, encoder
+    change and final actor saturation ranges over seeds."""
+
+    def span(values: Sequence[float | None], fmt: str) -> str:
+        present = [v for v in values if v is not None]
+        if not present:
+            return "—"
+        low, high = format(min(present), fmt), format(max(present), fmt)
+        return low if low == high else f"{low}–{high}"
+
+    lines = [
+        f"{report['seeds']} seed(s) x {report['env_steps']} env steps, {report['device']}, "
+        f"{report['env_id']}; mean (std) over seeds of the final evaluation "
+        f"({report['eval_episodes']} episodes per seed).",
+        "",
+        "| variant | eval return | success | route completion | speed km/h | wall s | "
+        "updates/s | encoder change actor / critic | actor saturation |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, result in report["variants"].items():
+        runs = result["runs"]
+        finals = [r["final_eval"] for r in runs]
+
+        def field(key: str, finals: list[dict[str, Any]] = finals) -> list[float]:
+            return [float(f[key]) for f in finals if f.get(key) is not None]
+
+        delta = [r["encoder_weight_delta"] for r in runs]
+        lines.append(
+            f"| {variant} | {_spread(field('return_mean'), 1)} "
+            f"| {_spread(field('success_rate'), 0, 100)}% "
+            f"| {_spread(field('route_completion_mean'), 0, 100)}% "
+            f"| {_spread(field('mean_speed_kmh'), 1)} "
+            f"| {span([r['wall_s'] for r in runs], '.0f')} "
+            f"| {span([r['updates_per_s'] for r in runs], '.1f')} "
+            f"| {span([d['actor'] for d in delta], '.2f')} / "
+            f"{span([d['critic'] for d in delta], '.2f')} "
+            f"| {span([r.get('actor_saturation') for r in runs], '.2f')} |"
+        )
+    if not report.get("complete", True):
+        lines += ["", "Incomplete: runs are still missing."]
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> Path:

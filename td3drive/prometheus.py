@@ -46,7 +46,7 @@ GAUGES: dict[str, str] = {
     "td3drive_learner_q_value": "Latest mean Q value (q1, q2, target).",
     "td3drive_learner_grad_norm": "Latest gradient L2 norm per network, before/after clipping.",
     "td3drive_learner_encoder_weight_delta_ratio": "||w - w0|| / ||w0|| of each encoder.",
-    "td3drive_learner_actor_saturation_ratio": "Share of actor actions at the tanh bounds, |a| > 0.99.",
+    "td3drive_learner_actor_saturation_ratio": "Share of actions at the tanh bounds (|a|>0.99).",
     "td3drive_replay_size_transitions": "Transitions held, per shard.",
     "td3drive_replay_bytes": "Bytes held, per shard.",
     "td3drive_replay_compression_ratio": "Uncompressed / held bytes, per shard.",

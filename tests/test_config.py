@@ -61,6 +61,8 @@ def test_overrides_apply_and_parse_as_yaml(tmp_path: Path) -> None:
         ("learner:\n  tau: 2.0\n", r"learner\.tau"),
         ("learner:\n  encoder: both\n", r"learner\.encoder"),
         ("learner:\n  encoder: frozen\n  encoder_lr: 0.001\n", "encoder_lr"),
+        ("learner:\n  encoder_output: sigmoid\n", r"learner\.encoder_output"),
+        ("learner:\n  action_preactivation_penalty: -1\n", r"learner\.action_preactivation"),
         ("learnr: {}\n", "learnr"),
         ("learner: [1, 2\n", "not valid YAML"),
         ("- 1\n- 2\n", "mapping"),

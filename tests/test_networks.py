@@ -24,6 +24,18 @@ def test_nature_cnn_shapes_and_flatten_size() -> None:
     assert (out >= 0).all()
 
 
+def test_layernorm_tanh_output_is_bounded_however_large_the_weights() -> None:
+    cnn = NatureCNN(output="layernorm_tanh")
+    with torch.no_grad():
+        cnn.linear[0].weight.mul_(1e3)  # what unbounded growth would look like
+    out = cnn(torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8))
+    assert out.shape == (3, 512) and out.dtype == torch.float32
+    assert out.abs().max() <= 1.0 and (out < 0).any()
+    assert [type(m) for m in cnn.linear] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Tanh]
+    with pytest.raises(ValueError, match="encoder output"):
+        NatureCNN(output="sigmoid")
+
+
 def test_pooled_variant_computes_its_flatten_size() -> None:
     cnn = NatureCNN(pooled=True)
     assert cnn.flat_dim == 64 * 4 * 4
@@ -42,7 +54,9 @@ def test_normalisation_happens_once_inside_the_encoder() -> None:
 
 def test_parameter_counts_match_the_design_figures() -> None:
     # DESIGN.md §7: NatureCNN 1.68 M, actor 1.89 M, separate 3.98 M, shared 2.30 M.
+    # The LayerNorm trunk (the default) adds 2 x 512 parameters per encoder.
     assert round(count(NatureCNN()) / 1e6, 2) == 1.68
+    assert count(NatureCNN(output="layernorm_tanh")) == count(NatureCNN()) + 2 * 512
     assert round(count(build_policy(512, (256, 256))) / 1e6, 2) == 1.89
     separate = TD3Learner(LearnerConfig(encoder="separate", device="cpu"))
     shared = TD3Learner(LearnerConfig(encoder="shared", device="cpu"))

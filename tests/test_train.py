@@ -272,6 +272,9 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
         assert steps and steps > 0, "Prometheus never saw td3drive_env_steps_total > 0"
         assert updates and updates > 0, "Prometheus never saw td3drive_learner_updates_total > 0"
         assert _query(prometheus, 'up{job="td3drive"}') == 1.0
+        # The learner's diagnostics reach Prometheus too (set with the update count).
+        saturation = _query(prometheus, "td3drive_learner_actor_saturation_ratio")
+        assert saturation is not None and 0.0 <= saturation <= 1.0
     finally:
         server.terminate()
         train.terminate()
@@ -444,6 +447,11 @@ def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
     assert frozen["runs"][0]["encoder_weight_delta"]["critic"] == 0.0
     assert shared["runs"][0]["encoder_weight_delta"]["critic"] > 0.0
     assert (tmp_path / "learning" / "learning.png").stat().st_size > 10_000
+    assert report["complete"] is True
+    saturation = shared["runs"][0]["actor_saturation"]
+    assert saturation is not None and 0.0 <= saturation <= 1.0
+    table = (tmp_path / "learning" / "learning.md").read_text()
+    assert "| frozen |" in table and "| shared |" in table
 
     sweep = subprocess.run(
         [
