@@ -692,8 +692,6 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             self._episode_over = True
             raise
 
-        reward = driving_task.step_reward(state, action, self._previous_action, self.task_config)
-        self._previous_action = action
         self._steps += 1
         self._stuck_steps = (
             self._stuck_steps + 1 if state.speed < self.task_config.stuck_speed_mps else 0
@@ -701,6 +699,10 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         end = driving_task.check_episode_end(
             state, self._steps, self._stuck_steps, self.task_config
         )
+        reward = driving_task.step_reward(
+            state, action, self._previous_action, self.task_config, end
+        )
+        self._previous_action = action
         self._tracker.record(state, reward, end)
         obs = self._observe(bgra, state, push=True)
         info: dict[str, Any] = {

@@ -102,6 +102,7 @@ def step_reward(
     action: np.ndarray,
     previous_action: np.ndarray,
     config: DrivingTaskConfig,
+    end: EpisodeEnd | None = None,
 ) -> RewardBreakdown:
     """The reward of one step.
 
@@ -114,13 +115,18 @@ def step_reward(
       − w_heading · min(|heading_error| / (π/2), 1)``;
     * comfort ``= −w_comfort · (|Δsteer| + |Δthrottle_brake|) / 4``;
     * safety ``= −collision_penalty`` on a collision, ``−off_road_penalty``
-      off the road (terminal, outside the clip).
+      off the road, ``−stuck_penalty`` when the step ends the episode as stuck
+      (all terminal, outside the clip). Without the stuck penalty, stopping is
+      a free way out of an episode whose values are negative: an early CPU
+      run learned to creep a few metres and stop.
 
     Args:
         state: after the step.
         action: ``float32[2]`` applied in the step.
         previous_action: the action before it (zeros at an episode start).
         config: weights, target speed (m/s), lane half-width (m), penalties.
+        end: how the step ends the episode (:func:`check_episode_end`), for
+            the stuck penalty; ``None`` = it does not end it.
 
     Returns:
         The total ``clip(progress + overspeed + lane + comfort, −1, 1) + safety``
@@ -140,6 +146,8 @@ def step_reward(
         safety -= config.collision_penalty
     if state.off_road:
         safety -= config.off_road_penalty
+    if end is not None and end.reason == "stuck":
+        safety -= config.stuck_penalty
     shaped = float(np.clip(progress + overspeed + lane + comfort, -1.0, 1.0))
     return RewardBreakdown(shaped + safety, progress, overspeed, lane, comfort, safety)
 

@@ -154,8 +154,8 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._stuck_steps = (
             self._stuck_steps + 1 if abs(state.speed) < self.task.stuck_speed_mps else 0
         )
-        reward = step_reward(state, action, self._previous_action, self.task)
         end = check_episode_end(state, self._steps, self._stuck_steps, self.task)
+        reward = step_reward(state, action, self._previous_action, self.task, end)
         self._tracker.record(state, reward, end)
         self._previous_action = action
         image = self._frames.push(self._frame(observation))

@@ -229,6 +229,12 @@ class DrivingTaskConfig(_Section):
     off_road_penalty: float = Field(
         10.0, ge=0, description="Subtracted when leaving the road (terminal)."
     )
+    stuck_penalty: float = Field(
+        10.0,
+        ge=0,
+        description="Subtracted when the episode ends stuck (terminal); without it "
+        "stopping is a free way out of a risky episode.",
+    )
 
 
 class CarlaConfig(_Section):

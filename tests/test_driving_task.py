@@ -67,6 +67,13 @@ def test_terminal_penalties_add_outside_the_clip() -> None:
     assert crash.total == pytest.approx(1.0 - TASK.collision_penalty)
     off = step_reward(state(off_road=True, lateral_deviation=9.0), STILL, STILL, TASK)
     assert off.safety == -TASK.off_road_penalty
+    stopped = state(speed=0.0, progress=0.0)
+    stuck_steps = int(TASK.stuck_seconds / stopped.dt)
+    end = check_episode_end(stopped, stuck_steps, stuck_steps, TASK)
+    assert end.reason == "stuck" and end.terminated
+    assert step_reward(stopped, STILL, STILL, TASK, end).safety == -TASK.stuck_penalty
+    still_waiting = check_episode_end(stopped, stuck_steps - 1, stuck_steps - 1, TASK)
+    assert step_reward(stopped, STILL, STILL, TASK, still_waiting).safety == 0.0
 
 
 def test_going_backwards_or_spinning_is_not_progress() -> None:
