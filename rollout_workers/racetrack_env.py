@@ -73,6 +73,7 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         task: DrivingTaskConfig | dict[str, Any] | None = None,
         other_vehicles: int = 1,
         render_mode: str | None = None,
+        max_steering_rad: float = math.pi / 4,
     ) -> None:
         self.task = (
             task if isinstance(task, DrivingTaskConfig) else DrivingTaskConfig(**(task or {}))
@@ -98,6 +99,7 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
                     "longitudinal": True,
                     "lateral": True,
                     "speed_range": [0.0, MAX_SPEED_MPS],
+                    "steering_range": [-max_steering_rad, max_steering_rad],
                 },
                 "offscreen_rendering": True,
                 "other_vehicles": other_vehicles,

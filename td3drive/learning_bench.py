@@ -107,10 +107,13 @@ def run_learning_benchmark(
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    histories: dict[str, list[list[dict[str, Any]]]] = {v: [] for v in variants}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     try:
-        for variant in variants:
-            histories, runs = [], []
-            for seed in range(seeds):
+        # Seeds outside, variants inside: an interrupted comparison still has
+        # every variant side by side for the seeds it finished.
+        for seed in range(seeds):
+            for variant in variants:
                 config = variant_config(base, variant, seed, env_steps, eval_every, device)
                 run_dir = out_dir / "runs" / f"{variant}-seed{seed}"
                 progress(f"{variant}, seed {seed}: training {env_steps} env steps -> {run_dir}")
@@ -120,8 +123,8 @@ def run_learning_benchmark(
                 history = [
                     json.loads(line) for line in (run_dir / EVAL_FILE).read_text().splitlines()
                 ]
-                histories.append(history)
-                runs.append(
+                histories[variant].append(history)
+                runs[variant].append(
                     {
                         "seed": seed,
                         "wall_s": summary["wall_s"],
@@ -141,7 +144,10 @@ def run_learning_benchmark(
                 )
                 # Written after every run, so an interrupted comparison keeps
                 # what it measured.
-                results[variant] = {"runs": runs, "curve": aggregate(histories)}
+                results[variant] = {
+                    "runs": runs[variant],
+                    "curve": aggregate(histories[variant]),
+                }
                 write_report(
                     out_dir, base, results, env_steps, seeds, eval_every, device, final=False
                 )
