@@ -210,13 +210,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         return low if low == high else f"{low}–{high}"
 
     lines = [
-        f"{report['seeds']} seed(s) x {report['env_steps']} env steps, {report['device']}, "
-        f"{report['env_id']}; mean (std) over seeds of the final evaluation "
+        f"{report['env_steps']} env steps per run, {report['device']}, {report['env_id']}; "
+        f"mean (std) over the seeds run of the final evaluation "
         f"({report['eval_episodes']} episodes per seed).",
         "",
-        "| variant | eval return | success | route completion | speed km/h | wall s | "
+        "| variant | seeds | eval return | success | route completion | speed km/h | wall s | "
         "updates/s | encoder change actor / critic | actor saturation |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, result in report["variants"].items():
         runs = result["runs"]
@@ -227,7 +227,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
         delta = [r["encoder_weight_delta"] for r in runs]
         lines.append(
-            f"| {variant} | {_spread(field('return_mean'), 1)} "
+            f"| {variant} | {len(runs)} | {_spread(field('return_mean'), 1)} "
             f"| {_spread(field('success_rate'), 0, 100)}% "
             f"| {_spread(field('route_completion_mean'), 0, 100)}% "
             f"| {_spread(field('mean_speed_kmh'), 1)} "
@@ -238,7 +238,11 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {span([r.get('actor_saturation') for r in runs], '.2f')} |"
         )
     if not report.get("complete", True):
-        lines += ["", "Incomplete: runs are still missing."]
+        lines += [
+            "",
+            f"Incomplete: {report['seeds']} seed(s) per variant were asked for; the "
+            "comparison stopped before all of them ran.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -124,6 +124,20 @@ def test_braking_stops_the_car_without_reversing() -> None:
     assert min(speeds) >= 0.0 and min(progress) >= 0.0  # ...and never reversed
 
 
+def test_max_steering_rad_scales_the_turn() -> None:
+    def heading_change(**kwargs: object) -> float:
+        env = make(**kwargs)
+        env.reset(seed=0)
+        start = env.unwrapped._sim.vehicle.heading
+        env.step(np.array([1.0, 0.0], np.float32))
+        return abs(env.unwrapped._sim.vehicle.heading - start)
+
+    default, narrow = heading_change(), heading_change(max_steering_rad=0.2)
+    assert narrow > 0.0 and narrow < 0.5 * default
+    with pytest.raises(ValueError, match="max_steering_rad"):
+        make(max_steering_rad=2.0)
+
+
 def test_bad_action_is_rejected() -> None:
     env = make()
     env.reset(seed=0)
