@@ -5,8 +5,8 @@ This is the only module of ``buffer_service/`` that imports Ray.
 * :func:`remote_shard_class`: :class:`ReplayShard` as a *threaded* actor, so a
   call blocked by the rate limiter waits in its own thread while other calls
   (samples, stats, snapshots) proceed.
-* :class:`ReplayWriter` (rollout workers): round-robin pushes with at most
-  ``max_in_flight`` outstanding; when the shards are slow or the rate limiter
+* :class:`ReplayWriter` (rollout workers): pushes to the least busy shard with
+  at most ``max_in_flight`` outstanding; when the shards are slow or the rate limiter
   holds inserts back, ``push`` waits instead of queueing payloads in memory.
 * :class:`ReplaySampler` (learner): samples every shard in parallel,
   proportionally to their sizes, into a bounded prefetch queue filled by a
@@ -49,7 +49,17 @@ def remote_shard_class(max_concurrency: int = 16, num_cpus: float = 1.0) -> Any:
 
 
 class ReplayWriter:
-    """Pushes encoded chunks to shards round-robin with bounded in-flight pushes.
+    """Pushes encoded chunks to shards with bounded in-flight pushes.
+
+    Each push goes to the shard with the fewest of this writer's pushes still
+    outstanding (ties: round-robin), and no shard holds more than
+    ``ceil(max_in_flight / len(shards))`` of them. Strict round-robin could deadlock with
+    per-shard rate limits: a shard that is ahead on inserts holds its pushes
+    until the learner samples it, the writer's every slot ends up waiting on
+    that shard, the other shard starves, and the learner's sample, which
+    needs every shard, waits on the starved one. Routing around the busy
+    shard keeps feeding the others, so one of the two sides always moves
+    (a 16k-step CPU training hung this way after 11.5k steps).
 
     Args:
         shards: shard actor handles.
@@ -71,6 +81,8 @@ class ReplayWriter:
         self._next = first_shard % len(self._shards)
         self.max_in_flight = max_in_flight
         self._in_flight: list[ray.ObjectRef] = []
+        self._shard_of: dict[ray.ObjectRef, int] = {}
+        self._per_shard_cap = -(-max_in_flight // len(self._shards))
         self.pushed = 0
         self.rejected = 0
         self.lost = 0
@@ -91,17 +103,43 @@ class ReplayWriter:
         """
         start = time.monotonic()
         try:
-            while len(self._in_flight) >= self.max_in_flight:
+            while (index := self._free_shard()) is None:
                 remaining = None if timeout_s is None else start + timeout_s - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no push slot freed within {timeout_s:g} s")
                 self._reap(remaining)
         finally:
             self.wait_s_total += time.monotonic() - start
-        shard = self._shards[self._next]
-        self._next = (self._next + 1) % len(self._shards)
-        self._in_flight.append(shard.insert.remote(payload))
+        self._next = (index + 1) % len(self._shards)
+        ref = self._shards[index].insert.remote(payload)
+        self._in_flight.append(ref)
+        self._shard_of[ref] = index
         self.pushed += 1
+
+    def in_flight_per_shard(self) -> list[int]:
+        """This writer's outstanding pushes, by shard index."""
+        counts = [0] * len(self._shards)
+        for ref in self._in_flight:
+            counts[self._shard_of[ref]] += 1
+        return counts
+
+    def _free_shard(self) -> int | None:
+        """The shard for the next push, or ``None`` while every slot is taken.
+
+        A shard may hold at most ``ceil(max_in_flight / shards)`` of this
+        writer's pushes, so a shard that holds them can never take every slot;
+        among the shards below that cap the least busy wins (ties round-robin).
+        """
+        while self._in_flight and ray.wait(self._in_flight, num_returns=1, timeout=0)[0]:
+            self._reap(0)  # count only pushes that are really outstanding
+        if len(self._in_flight) >= self.max_in_flight:
+            return None
+        counts = self.in_flight_per_shard()
+        order = [(self._next + k) % len(self._shards) for k in range(len(self._shards))]
+        open_shards = [i for i in order if counts[i] < self._per_shard_cap]
+        if not open_shards:
+            return None
+        return min(open_shards, key=lambda i: counts[i])  # min keeps the first of equals
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every push has been acknowledged.
@@ -119,6 +157,7 @@ class ReplayWriter:
     def _reap(self, timeout: float | None) -> None:
         ready, self._in_flight = ray.wait(self._in_flight, num_returns=1, timeout=timeout)
         for ref in ready:
+            self._shard_of.pop(ref, None)
             try:
                 ray.get(ref)
             except RayActorError as exc:  # the shard died mid-insert; Ray restarts it

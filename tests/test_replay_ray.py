@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -71,7 +72,9 @@ def test_two_shards_two_pushers_one_sampler(ray_instance: None) -> None:
     assert [r["pushed"] for r in results] == [8, 8]
     assert all(r["rejected"] == 0 for r in results)
     sizes = ray.get([s.size.remote() for s in shards])
-    assert sizes == [128, 128]  # round-robin spread every pusher's chunks over both
+    # Least-busy routing spreads every pusher's chunks over both shards (not
+    # exactly evenly: a push goes where the previous ones have landed).
+    assert sum(sizes) == 256 and min(sizes) >= 64, sizes
 
     sampler = ReplaySampler(shards, BATCH, prefetch=2, timeout_s=60)
     try:
@@ -80,7 +83,8 @@ def test_two_shards_two_pushers_one_sampler(ray_instance: None) -> None:
             sample.sampled.batch.validate()
             assert sample.sampled.ids.shape == (BATCH,)
             assert set(np.unique(sample.shard_index)) == {0, 1}
-            assert np.bincount(sample.shard_index).tolist() == [16, 16]  # equal sizes
+            expected = [round(BATCH * size / sum(sizes)) for size in sizes]
+            assert np.abs(np.bincount(sample.shard_index) - expected).max() <= 1  # by size
             assert set(sample.sampled.policy_versions.tolist()) <= {7, 8}
     finally:
         sampler.close()
@@ -118,6 +122,44 @@ def test_writer_waits_instead_of_queueing_when_the_shard_is_full(ray_instance: N
         ray.get(shard.sample.remote(16))
     writer.flush(timeout_s=30)
     assert ray.get(shard.size.remote()) == 4 * CHUNK
+
+
+def test_writer_routes_around_a_shard_that_holds_its_pushes(ray_instance: None) -> None:
+    # Shard 0 is ahead on inserts (the learner has not sampled it), so it holds
+    # further pushes. Strict round-robin put every second push there until
+    # both of the writer's slots waited on shard 0 and shard 1 starved: with a
+    # learner that needs both shards for a batch, a deadlock mid-training.
+    config = ReplayConfig(
+        num_shards=2,
+        chunk_steps=CHUNK,
+        min_size_to_sample=2 * CHUNK,  # one chunk per shard
+        replay_ratio=1.0,
+        replay_ratio_tolerance=24.0,
+        rate_limit_timeout_s=60,
+    )
+    shard_class = remote_shard_class(num_cpus=0)
+    shards = [shard_class.remote(config, 16, index) for index in range(2)]
+    data = episode_payloads(range(10), 0)
+    ray.get([shards[0].insert.remote(p) for p in data[:2]], timeout=30)
+    held = shards[0].insert.remote(data[2])  # min size, tolerance, then held
+    ready, _ = ray.wait([held], timeout=1.0)
+    assert not ready, "shard 0 should hold this push"
+
+    writer = ReplayWriter(shards, max_in_flight=2, first_shard=0)
+    for payload in data[3:7]:
+        writer.push(payload, timeout_s=5.0)  # round-robin timed out on the fourth
+    assert writer.in_flight_per_shard()[0] == 1  # one push waits on shard 0, no more
+    deadline = time.monotonic() + 30
+    while ray.get(shards[1].size.remote()) < 2 * CHUNK and time.monotonic() < deadline:
+        time.sleep(0.05)  # the shard is threaded: a size call may overtake an insert
+    assert ray.get(shards[1].size.remote()) == 2 * CHUNK
+    # Shard 1 is now ahead too and holds the fourth push. The learner samples
+    # both shards; every held push lands.
+    for _ in range(3):
+        ray.get([shard.sample.remote(16) for shard in shards], timeout=30)
+    ray.get(held, timeout=30)
+    writer.flush(timeout_s=30)
+    assert ray.get([shard.size.remote() for shard in shards]) == [4 * CHUNK, 3 * CHUNK]
 
 
 def test_invalid_payload_over_the_wire_is_counted_not_fatal(ray_instance: None) -> None:
