@@ -199,8 +199,9 @@ def _spread(values: Sequence[float], digits: int, scale: float = 1.0) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The final evaluation of every variant: mean (std) over seeds of return,
-    success, route completion and speed, plus wall-clock, updates/s, encoder
-    change and final actor saturation ranges over seeds."""
+    success, route completion and speed; the mean return of the last three
+    evaluation points (steadier than the last one alone); wall-clock,
+    updates/s, encoder change and final actor saturation ranges over seeds."""
 
     def span(values: Sequence[float | None], fmt: str) -> str:
         present = [v for v in values if v is not None]
@@ -214,9 +215,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"mean (std) over the seeds run of the final evaluation "
         f"({report['eval_episodes']} episodes per seed).",
         "",
-        "| variant | seeds | eval return | success | route completion | speed km/h | wall s | "
-        "updates/s | encoder change actor / critic | actor saturation |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | eval return | return, last 3 evals | success | route completion "
+        "| speed km/h | wall s | updates/s | encoder change actor / critic | actor saturation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, result in report["variants"].items():
         runs = result["runs"]
@@ -226,8 +227,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             return [float(f[key]) for f in finals if f.get(key) is not None]
 
         delta = [r["encoder_weight_delta"] for r in runs]
+        tail = [row["return_mean"]["mean"] for row in result["curve"][-3:]]
+        tail_mean = f"{np.mean(tail):.1f}" if tail and None not in tail else "—"
         lines.append(
-            f"| {variant} | {len(runs)} | {_spread(field('return_mean'), 1)} "
+            f"| {variant} | {len(runs)} | {_spread(field('return_mean'), 1)} | {tail_mean} "
             f"| {_spread(field('success_rate'), 0, 100)}% "
             f"| {_spread(field('route_completion_mean'), 0, 100)}% "
             f"| {_spread(field('mean_speed_kmh'), 1)} "
