@@ -84,6 +84,7 @@ class LearnerActor:
         self.board = weights_board
         self._stop = threading.Event()
         self.grad_norm_max = dict.fromkeys(GRAD_KEYS, 0.0)
+        self.latest_metrics: dict[str, float] = {}
         self.sample_wait_s_total = 0.0
         self._lags: list[float] = []
         self.publish()
@@ -109,8 +110,8 @@ class LearnerActor:
 
         Returns:
             ``{"updates" (total), "done" (this call), "metrics" (the latest
-            value of each metric: critic ones from the last update, actor ones
-            from the last actor step),
+            value of each metric over the actor's life: critic ones from the
+            last update, actor ones from the last actor step),
             "updates_per_s", "policy_lag_updates_mean" (this call),
             "grad_norm" (running maxima), "sample_wait_s_total"}``.
 
@@ -121,7 +122,7 @@ class LearnerActor:
         self._stop.clear()
         start = time.perf_counter()
         done = 0
-        metrics: dict[str, float] = {}
+        metrics = self.latest_metrics
         lags: list[float] = []
         publish_every = self.config.run.publish_every_updates
         while done < num_updates and not self._stop.is_set():
@@ -145,7 +146,7 @@ class LearnerActor:
         return {
             "updates": self.learner.updates,
             "done": done,
-            "metrics": metrics,
+            "metrics": dict(metrics),
             "updates_per_s": done / elapsed if elapsed > 0 else 0.0,
             "policy_lag_updates_mean": float(np.mean(lags)) if lags else None,
             "grad_norm": dict(self.grad_norm_max),

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from learner.networks import build_policy, load_policy_weights
+from learner.networks import load_policy_weights, policy_for
 from learner.ray_actor import remote_learner_class
 from td3drive import metric_names as M
 from td3drive.config import LearnerConfig
@@ -42,11 +42,11 @@ def test_remote_learner_updates_and_publishes_numpy_weights(ray_instance: None) 
     weights_ref = ray.put((version, weights))  # how the driver publishes a version
     got_version, got = ray.get(weights_ref)
     assert got_version == 2
-    policy = build_policy(64, (32,))
+    policy = policy_for(config)
     load_policy_weights(policy, got)
     with torch.no_grad():
         action = policy(torch.from_numpy(batch.obs_image), torch.from_numpy(batch.obs_vector))
     assert action.shape == (4, 2)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        load_policy_weights(build_policy(32, (32,)), got)
+        load_policy_weights(policy_for(config.model_copy(update={"features_dim": 32})), got)
     ray.kill(learner)
