@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_shipped_local_config_validates() -> None:
     config = load_config(REPO / "deploy" / "local.yaml")
-    assert config.learner.encoder == "separate"
+    assert config.learner.encoder == "shared"
+    assert config.learner.random_shift_pad == 4
+    assert config.learner.encoder_output == "layernorm_tanh"
+    assert config.learner.action_preactivation_penalty == 0.01
     assert config.learner.actor_lr == 1e-4
 
 

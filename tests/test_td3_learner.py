@@ -162,7 +162,12 @@ def test_actor_loss_uses_the_critics_own_encoder_features(batch: Batch) -> None:
     # lr 0 for the critic and the encoders: the critic step changes nothing, so
     # the actor loss can be recomputed from the networks as they are now.
     learner = make_learner(
-        encoder="separate", policy_delay=1, critic_lr=0.0, encoder_lr=0.0, policy_noise=0.0
+        encoder="separate",
+        policy_delay=1,
+        critic_lr=0.0,
+        encoder_lr=0.0,
+        policy_noise=0.0,
+        action_preactivation_penalty=0.0,  # the loss is -Q1 alone here
     )
     image = torch.from_numpy(batch.obs_image)
     vector = torch.from_numpy(batch.obs_vector)
