@@ -130,8 +130,7 @@ class ReplayWriter:
         writer's pushes, so a shard that holds them can never take every slot;
         among the shards below that cap the least busy wins (ties round-robin).
         """
-        while self._in_flight and ray.wait(self._in_flight, num_returns=1, timeout=0)[0]:
-            self._reap(0)  # count only pushes that are really outstanding
+        self._reap(0, every_ready=True)  # count only pushes that are really outstanding
         if len(self._in_flight) >= self.max_in_flight:
             return None
         counts = self.in_flight_per_shard()
@@ -154,8 +153,13 @@ class ReplayWriter:
                 raise TimeoutError(f"{len(self._in_flight)} pushes outstanding after {timeout_s} s")
             self._reap(remaining)
 
-    def _reap(self, timeout: float | None) -> None:
-        ready, self._in_flight = ray.wait(self._in_flight, num_returns=1, timeout=timeout)
+    def _reap(self, timeout: float | None, every_ready: bool = False) -> None:
+        """Settle finished pushes: the first to finish within ``timeout``, or
+        with ``every_ready`` all that have finished by then."""
+        if not self._in_flight:
+            return
+        wanted = len(self._in_flight) if every_ready else 1
+        ready, self._in_flight = ray.wait(self._in_flight, num_returns=wanted, timeout=timeout)
         for ref in ready:
             self._shard_of.pop(ref, None)
             try:

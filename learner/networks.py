@@ -101,7 +101,6 @@ class NatureCNN(nn.Module):
             [nn.ReLU()] if output == "relu" else [nn.LayerNorm(features_dim), nn.Tanh()]
         )
         self.linear = nn.Sequential(nn.Linear(self.flat_dim, features_dim), *bound)
-        self.output = output
         self.features_dim = features_dim
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -214,19 +213,27 @@ def build_policy(
     encoder_output: str = "relu",
 ) -> Actor:
     """A freshly initialised :class:`Actor`, the shape a rollout worker loads
-    :meth:`learner.td3.TD3Learner.policy_weights` into."""
+    :meth:`learner.td3.TD3Learner.policy_weights` into.
+
+    ``forward(uint8[B, 4, 84, 84], float32[B, 23]) → float32[B, 2]`` in ``[−1, 1]``.
+
+    Raises:
+        ValueError: unknown ``cnn`` variant or ``encoder_output``.
+    """
     return Actor(
         build_encoder(features_dim, cnn, encoder_output), ActorHead(features_dim, actor_hidden)
     )
 
 
 def encoder_for(config: LearnerConfig) -> NatureCNN:
-    """:func:`build_encoder` with the architecture fields of a learner config."""
+    """:func:`build_encoder` with the architecture fields of a learner config
+    (``features_dim``, ``cnn``, ``encoder_output``); output ``float32[B, F]``."""
     return build_encoder(config.features_dim, config.cnn, config.encoder_output)
 
 
 def policy_for(config: LearnerConfig) -> Actor:
-    """:func:`build_policy` with the architecture fields of a learner config."""
+    """:func:`build_policy` with the architecture fields of a learner config:
+    the policy a worker must build to load that learner's published weights."""
     return build_policy(config.features_dim, config.actor_hidden, config.cnn, config.encoder_output)
 
 

@@ -197,6 +197,10 @@ def _spread(values: Sequence[float], digits: int, scale: float = 1.0) -> str:
     return f"{array.mean():.{digits}f} ({array.std():.{digits}f})"
 
 
+def _present(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key) is not None]
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The final evaluation of every variant: mean (std) over seeds of return,
     success, route completion and speed; the mean return of the last three
@@ -222,18 +226,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     for variant, result in report["variants"].items():
         runs = result["runs"]
         finals = [r["final_eval"] for r in runs]
-
-        def field(key: str, finals: list[dict[str, Any]] = finals) -> list[float]:
-            return [float(f[key]) for f in finals if f.get(key) is not None]
-
         delta = [r["encoder_weight_delta"] for r in runs]
         tail = [row["return_mean"]["mean"] for row in result["curve"][-3:]]
         tail_mean = f"{np.mean(tail):.1f}" if tail and None not in tail else "—"
         lines.append(
-            f"| {variant} | {len(runs)} | {_spread(field('return_mean'), 1)} | {tail_mean} "
-            f"| {_spread(field('success_rate'), 0, 100)}% "
-            f"| {_spread(field('route_completion_mean'), 0, 100)}% "
-            f"| {_spread(field('mean_speed_kmh'), 1)} "
+            f"| {variant} | {len(runs)} "
+            f"| {_spread(_present(finals, 'return_mean'), 1)} | {tail_mean} "
+            f"| {_spread(_present(finals, 'success_rate'), 0, 100)}% "
+            f"| {_spread(_present(finals, 'route_completion_mean'), 0, 100)}% "
+            f"| {_spread(_present(finals, 'mean_speed_kmh'), 1)} "
             f"| {span([r['wall_s'] for r in runs], '.0f')} "
             f"| {span([r['updates_per_s'] for r in runs], '.1f')} "
             f"| {span([d['actor'] for d in delta], '.2f')} / "
