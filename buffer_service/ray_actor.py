@@ -5,9 +5,10 @@ This is the only module of ``buffer_service/`` that imports Ray.
 * :func:`remote_shard_class`: :class:`ReplayShard` as a *threaded* actor, so a
   call blocked by the rate limiter waits in its own thread while other calls
   (samples, stats, snapshots) proceed.
-* :class:`ReplayWriter` (rollout workers): pushes to the least busy shard with
-  at most ``max_in_flight`` outstanding; when the shards are slow or the rate limiter
-  holds inserts back, ``push`` waits instead of queueing payloads in memory.
+* :class:`ReplayWriter` (rollout workers): round-robin pushes that skip a shard
+  holding its share of the ``max_in_flight`` outstanding; when the shards are
+  slow or the rate limiter holds inserts back, ``push`` waits instead of
+  queueing payloads in memory.
 * :class:`ReplaySampler` (learner): samples every shard in parallel,
   proportionally to their sizes, into a bounded prefetch queue filled by a
   background thread.
@@ -51,20 +52,23 @@ def remote_shard_class(max_concurrency: int = 16, num_cpus: float = 1.0) -> Any:
 class ReplayWriter:
     """Pushes encoded chunks to shards with bounded in-flight pushes.
 
-    Each push goes to the shard with the fewest of this writer's pushes still
-    outstanding (ties: round-robin), and no shard holds more than
-    ``ceil(max_in_flight / len(shards))`` of them. Strict round-robin could deadlock with
-    per-shard rate limits: a shard that is ahead on inserts holds its pushes
-    until the learner samples it, the writer's every slot ends up waiting on
-    that shard, the other shard starves, and the learner's sample, which
-    needs every shard, waits on the starved one. Routing around the busy
-    shard keeps feeding the others, so one of the two sides always moves
-    (a 16k-step CPU training hung this way after 11.5k steps).
+    Pushes go round-robin, skipping a shard that already holds
+    ``ceil(max_in_flight / len(shards))`` of this writer's pushes. Strict
+    round-robin could deadlock with per-shard rate limits: a shard that is
+    ahead on inserts holds its pushes until the learner samples it, every
+    slot of the writer ends up waiting on that shard, the other shard
+    starves, and the learner's sample, which needs every shard, waits on the
+    starved one. Skipping the busy shard keeps feeding the others, so one of
+    the two sides always moves (a 16k-step CPU training hung this way after
+    11.5k steps).
 
     Args:
         shards: shard actor handles.
         max_in_flight: pushes outstanding at most; ``push`` waits beyond it.
         first_shard: where the round-robin starts (spread workers over shards).
+        skip_after_s: how long a push waits for its round-robin shard to
+            settle this writer's earlier pushes before it skips that shard, s;
+            a normal insert settles in milliseconds, so shards stay balanced.
 
     Attributes:
         pushed, rejected: payloads sent, and refused by a shard as invalid.
@@ -72,7 +76,13 @@ class ReplayWriter:
         wait_s_total: seconds ``push`` spent waiting for a free slot.
     """
 
-    def __init__(self, shards: Sequence[Any], max_in_flight: int = 4, first_shard: int = 0) -> None:
+    def __init__(
+        self,
+        shards: Sequence[Any],
+        max_in_flight: int = 4,
+        first_shard: int = 0,
+        skip_after_s: float = 0.1,
+    ) -> None:
         if not shards:
             raise ValueError("ReplayWriter needs at least one shard")
         if max_in_flight < 1:
@@ -83,6 +93,7 @@ class ReplayWriter:
         self._in_flight: list[ray.ObjectRef] = []
         self._shard_of: dict[ray.ObjectRef, int] = {}
         self._per_shard_cap = -(-max_in_flight // len(self._shards))
+        self.skip_after_s = skip_after_s
         self.pushed = 0
         self.rejected = 0
         self.lost = 0
@@ -124,21 +135,22 @@ class ReplayWriter:
         return counts
 
     def _free_shard(self) -> int | None:
-        """The shard for the next push, or ``None`` while every slot is taken.
-
-        A shard may hold at most ``ceil(max_in_flight / shards)`` of this
-        writer's pushes, so a shard that holds them can never take every slot;
-        among the shards below that cap the least busy wins (ties round-robin).
-        """
+        """The shard for the next push, or ``None`` while every slot is taken:
+        the next in round-robin order that holds fewer than
+        ``ceil(max_in_flight / shards)`` of this writer's pushes (after up to
+        ``skip_after_s`` for the round-robin shard), so a shard that holds its
+        pushes can never take every slot."""
         self._reap(0, every_ready=True)  # count only pushes that are really outstanding
         if len(self._in_flight) >= self.max_in_flight:
             return None
         counts = self.in_flight_per_shard()
+        if counts[self._next] >= self._per_shard_cap and self.skip_after_s > 0:
+            mine = [ref for ref in self._in_flight if self._shard_of[ref] == self._next]
+            ray.wait(mine, num_returns=len(mine), timeout=self.skip_after_s)
+            self._reap(0, every_ready=True)
+            counts = self.in_flight_per_shard()
         order = [(self._next + k) % len(self._shards) for k in range(len(self._shards))]
-        open_shards = [i for i in order if counts[i] < self._per_shard_cap]
-        if not open_shards:
-            return None
-        return min(open_shards, key=lambda i: counts[i])  # min keeps the first of equals
+        return next((i for i in order if counts[i] < self._per_shard_cap), None)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every push has been acknowledged.

@@ -72,9 +72,9 @@ def test_two_shards_two_pushers_one_sampler(ray_instance: None) -> None:
     assert [r["pushed"] for r in results] == [8, 8]
     assert all(r["rejected"] == 0 for r in results)
     sizes = ray.get([s.size.remote() for s in shards])
-    # Least-busy routing spreads every pusher's chunks over both shards (not
-    # exactly evenly: a push goes where the previous ones have landed).
-    assert sum(sizes) == 256 and min(sizes) >= 64, sizes
+    # Round-robin spreads every pusher's chunks over both shards (not always
+    # exactly evenly: a push skips a shard that still holds this writer's last).
+    assert sum(sizes) == 256 and min(sizes) >= 96, sizes
 
     sampler = ReplaySampler(shards, BATCH, prefetch=2, timeout_s=60)
     try:
