@@ -710,6 +710,7 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             "frame": frame,
             "end_reason": end.reason,
             "route_completion": state.route_completion,
+            "privileged_vector": driving_task.full_vector(state, self.task_config),
         }
         if end.terminated or end.truncated:
             info["episode_metrics"] = self._tracker.metrics()
@@ -966,6 +967,7 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             "frame": frame,
             "spawn_point": spawn_index,
             "route_length_m": self._route.goal_m,
+            "privileged_vector": driving_task.full_vector(state, self.task_config),
         }
         return obs, info
 

@@ -11,7 +11,8 @@ module owns everything else, as pure functions:
 * :class:`EpisodeTracker`: the episode metrics;
 * observation builders: :func:`to_grayscale` (RGB/BGRA → uint8 84×84),
   :class:`FrameStack` (4 frames, oldest first), :func:`build_vector` (the 23
-  values of :data:`td3drive.spec.VECTOR_LAYOUT`, scaled as documented there).
+  values of :data:`td3drive.spec.VECTOR_LAYOUT`, scaled as documented there,
+  or only the speed: ``task.observation_vector``).
 
 Conventions (every adapter converts to them): the ego frame has ``x``
 forward and ``y`` to the left, metres; ``lateral_deviation > 0`` means left of
@@ -298,12 +299,32 @@ class FrameStack:
 
 
 def build_vector(state: DrivingState, config: DrivingTaskConfig) -> np.ndarray:
-    """The 23-value observation vector, scaled to roughly ``[−1, 1]``.
+    """The 23-value observation vector, as ``config.observation_vector`` says.
+
+    ``"full"``: :func:`full_vector`. ``"speed_only"``: the same with every
+    value but the speed set to 0, so lane geometry reaches the policy only
+    through the camera.
+
+    Raises:
+        ValueError: ``waypoints`` is not ``[10, 2]``.
+    """
+    vector = full_vector(state, config)
+    if config.observation_vector == "speed_only":
+        vector[1:] = 0.0
+    return vector
+
+
+def full_vector(state: DrivingState, config: DrivingTaskConfig) -> np.ndarray:
+    """The 23-value vector with the lane geometry, scaled to roughly ``[−1, 1]``.
 
     ``[speed / target_speed, lateral_deviation / lane_half_width,
     heading_error / π, then for each of the 10 waypoints x / waypoint_range,
     y / waypoint_range]`` where ``waypoint_range = 10 × waypoint_spacing_m``.
     Units before scaling: m/s, m, rad, m (ego frame).
+
+    Environments also report it as ``info["privileged_vector"]`` whatever
+    the observation carries: privileged state for a scripted warm-up policy
+    (:mod:`rollout_workers.scripted`), never stored in the replay.
 
     Raises:
         ValueError: ``waypoints`` is not ``[10, 2]``.

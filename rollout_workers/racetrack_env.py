@@ -31,6 +31,7 @@ from rollout_workers.driving_task import (
     FrameStack,
     build_vector,
     check_episode_end,
+    full_vector,
     step_reward,
     to_ego_frame,
     wrap_angle,
@@ -138,7 +139,8 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._stuck_steps = 0
         image = self._frames.reset(self._frame(observation))
         state = self._state(progress=0.0)
-        return {"image": image, "vector": build_vector(state, self.task)}, {}
+        info = {"privileged_vector": full_vector(state, self.task)}
+        return {"image": image, "vector": build_vector(state, self.task)}, info
 
     def step(
         self, action: np.ndarray
@@ -172,6 +174,7 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             "speed_mps": state.speed,
             "route_completion": state.route_completion,
             "end_reason": end.reason,
+            "privileged_vector": full_vector(state, self.task),
         }
         if end.terminated or end.truncated:
             info["episode_metrics"] = self._tracker.metrics()

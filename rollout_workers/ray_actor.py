@@ -19,7 +19,7 @@ import ray
 from buffer_service.ray_actor import ReplayWriter
 from learner.networks import load_policy_weights, policy_for
 from rollout_workers.evaluation import evaluate_policy, summarize
-from rollout_workers.worker import RolloutWorker, worker_env_kwargs
+from rollout_workers.worker import RolloutWorker, env_kwargs_for
 from td3drive.config import TD3DriveConfig
 from td3drive.weights import WeightsBoard
 
@@ -53,6 +53,8 @@ class RolloutWorkerActor:
             push=lambda payload: self._writer.push(payload, timeout_s=self._timeout_s),
             weights_source=self._newer_weights if weights_board is not None else None,
             worker_index=worker_index,
+            task=config.task,
+            env_kwargs=env_kwargs_for(config, worker_index),
         )
 
     def _newer_weights(self, version: int) -> tuple[int, Mapping[str, np.ndarray]] | None:
@@ -110,7 +112,7 @@ class EvaluatorActor:
             load_policy_weights(self.policy, ray.get(wrapped[0]))
         rollout = self.config.rollout
         # The evaluator is the worker after the last one (its own CARLA server).
-        env_kwargs = worker_env_kwargs(rollout.env_kwargs, rollout.num_workers)
+        env_kwargs = env_kwargs_for(self.config, rollout.num_workers)
         results = evaluate_policy(self.policy, rollout.env_id, env_kwargs, episodes, rollout.seed)
         return {"policy_version": version, "episodes": results, "summary": summarize(results)}
 

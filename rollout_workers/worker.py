@@ -4,11 +4,17 @@
 wires it to the replay shards and the weights board as a Ray actor, and tests
 drive it in-process with any ``push`` callable.
 
-Exploration: uniform random actions for the first ``warmup_steps`` steps (and
-until the first weights arrive), with ``throttle_brake`` drawn from
-``[warmup_throttle_min, 1]`` so random driving still moves forward; after
-that the policy's action plus Gaussian noise ``N(0, exploration_noise)``,
-clipped to ``[−1, 1]`` (TD3's exploration, Fujimoto et al. 2018 §6).
+Exploration: for the first ``warmup_steps`` steps (and until the first
+weights arrive) a warm-up policy acts (``rollout.warmup_policy``): uniform
+random actions with ``throttle_brake`` drawn from ``[warmup_throttle_min, 1]``
+so random driving still moves forward, or the scripted lane follower on the
+environment's privileged lane geometry (``info["privileged_vector"]``) plus
+``N(0, warmup_action_noise)``, which keeps the early replay on the road
+instead of full of crashes (the data only: the trained policy is TD3's
+actor; the same idea as filling a replay from demonstrations, e.g. DDPGfD,
+Vecerik et al. 2017). After that the policy's action plus Gaussian noise
+``N(0, exploration_noise)``, clipped to ``[−1, 1]`` (TD3's exploration,
+Fujimoto et al. 2018 §6).
 
 A crashed environment (an exception from ``step`` or ``reset``) ends the
 episode as ``truncated``: the last completed transition is re-flagged
@@ -31,8 +37,15 @@ import torch
 import rollout_workers  # noqa: F401  (registers the td3drive environments)
 from buffer_service.codec import Chunk, encode
 from learner.networks import load_policy_weights, policy_for
+from rollout_workers.scripted import lane_follower
 from td3drive import spec
-from td3drive.config import LearnerConfig, RolloutConfig, carla_for_worker
+from td3drive.config import (
+    DrivingTaskConfig,
+    LearnerConfig,
+    RolloutConfig,
+    TD3DriveConfig,
+    carla_for_worker,
+)
 from td3drive.spec import Transition
 
 log = logging.getLogger(__name__)
@@ -49,6 +62,14 @@ WeightsSource = Callable[[int], "tuple[int, Mapping[str, np.ndarray]] | None"]
 """Called with the version a worker holds; returns newer ``(version, weights)`` or ``None``."""
 
 
+TASK_SECTION_ENVS: dict[str, tuple[str, ...]] = {
+    "td3drive/Racetrack-v0": ("task",),
+    "td3drive/Carla-v0": ("task", "carla"),
+}
+"""Environments that read config sections, and which: each gets the run's
+``task`` (and ``carla``) section as a keyword argument of the same name."""
+
+
 def worker_env_kwargs(env_kwargs: Mapping[str, Any], worker_index: int) -> dict[str, Any]:
     """Environment kwargs of one worker: a ``carla`` section gets the worker's
     own server ports (:func:`td3drive.config.carla_for_worker`); everything
@@ -57,6 +78,22 @@ def worker_env_kwargs(env_kwargs: Mapping[str, Any], worker_index: int) -> dict[
     if isinstance(kwargs.get("carla"), Mapping):
         kwargs["carla"] = carla_for_worker(dict(kwargs["carla"]), worker_index)
     return kwargs
+
+
+def env_kwargs_for(config: TD3DriveConfig, worker_index: int) -> dict[str, Any]:
+    """The ``gymnasium.make`` kwargs of worker ``worker_index``'s environment.
+
+    ``rollout.env_kwargs``, plus the config sections the environment reads
+    (:data:`TASK_SECTION_ENVS`): the driving task's ``task`` section, and for
+    CARLA the ``carla`` section with the worker's own ports
+    (:func:`worker_env_kwargs`). The evaluator is worker ``num_workers``.
+    Config validation forbids repeating a section inside ``env_kwargs``, so
+    the section is the one source of truth.
+    """
+    kwargs = dict(config.rollout.env_kwargs)
+    for section in TASK_SECTION_ENVS.get(config.rollout.env_id, ()):
+        kwargs[section] = getattr(config, section).model_dump()
+    return worker_env_kwargs(kwargs, worker_index)
 
 
 class RolloutWorker:
@@ -70,8 +107,13 @@ class RolloutWorker:
             (back-pressure).
         weights_source: see :data:`WeightsSource`; ``None`` keeps exploring randomly.
         worker_index: distinguishes workers' seeds and episode ids.
+        task: the driving task's scaling, for the lane follower's reading of
+            the privileged vector (defaults if ``None``).
+        env_kwargs: the ``gymnasium.make`` kwargs (:func:`env_kwargs_for` builds
+            them from a run config); defaults to ``rollout.env_kwargs`` with
+            the worker's CARLA ports.
         env_factory: builds the environment; defaults to
-            ``gymnasium.make(rollout.env_id, **rollout.env_kwargs)``.
+            ``gymnasium.make(rollout.env_id, **env_kwargs)``.
 
     Raises:
         gymnasium.error.Error: an unknown environment id.
@@ -86,6 +128,8 @@ class RolloutWorker:
         push: Callable[[bytes], Any],
         weights_source: WeightsSource | None = None,
         worker_index: int = 0,
+        task: DrivingTaskConfig | None = None,
+        env_kwargs: Mapping[str, Any] | None = None,
         env_factory: Callable[[], gym.Env] | None = None,
     ) -> None:
         self.config = rollout
@@ -93,8 +137,11 @@ class RolloutWorker:
         self.push = push
         self.weights_source = weights_source
         self.worker_index = worker_index
-        env_kwargs = worker_env_kwargs(rollout.env_kwargs, worker_index)
-        self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **env_kwargs))
+        self.task = task or DrivingTaskConfig()
+        if env_kwargs is None:
+            env_kwargs = worker_env_kwargs(rollout.env_kwargs, worker_index)
+        self.env_kwargs = dict(env_kwargs)
+        self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **self.env_kwargs))
         self.seed = rollout.seed + 1000 * worker_index
         self.rng = np.random.default_rng(self.seed)
         self.policy = policy_for(learner)
@@ -102,6 +149,7 @@ class RolloutWorker:
         self.policy_version = -1
         self.env = self._make_env()
         self._obs: dict[str, np.ndarray] | None = None
+        self._privileged: np.ndarray | None = None
         self._episode_count = 0
         self._episode_id = 0
         self._episode_step = 0
@@ -153,12 +201,26 @@ class RolloutWorker:
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The exploring action for ``obs``: ``float32[2]`` in ``[−1, 1]``."""
         if self.total_steps < self.config.warmup_steps or self.policy_version < 0:
-            steer = self.rng.uniform(-1.0, 1.0)
-            throttle = self.rng.uniform(self.config.warmup_throttle_min, 1.0)
-            return np.array([steer, throttle], dtype=np.float32)
+            return self.warmup_action(obs)
         action = self.policy_action(obs)
         noise = self.rng.normal(0.0, self.config.exploration_noise, spec.ACTION_DIM)
         return np.clip(action + noise, -1.0, 1.0).astype(np.float32)
+
+    def warmup_action(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The warm-up policy's action (``rollout.warmup_policy``): ``float32[2]``.
+
+        The lane follower reads ``info["privileged_vector"]`` of the last
+        reset/step, or ``obs["vector"]`` for an environment without it.
+        """
+        config = self.config
+        if config.warmup_policy == "lane_follower":
+            vector = self._privileged if self._privileged is not None else obs["vector"]
+            action = lane_follower(vector, self.task, cruise_speed_mps=self.task.target_speed_mps)
+            noise = self.rng.normal(0.0, config.warmup_action_noise, spec.ACTION_DIM)
+            return np.clip(action + noise, -1.0, 1.0).astype(np.float32)
+        steer = self.rng.uniform(-1.0, 1.0)
+        throttle = self.rng.uniform(config.warmup_throttle_min, 1.0)
+        return np.array([steer, throttle], dtype=np.float32)
 
     @torch.no_grad()
     def policy_action(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -207,7 +269,8 @@ class RolloutWorker:
         self._episode_count += 1
         self._episode_id = (self.worker_index << 32) | self._episode_count
         self._episode_step = 0
-        self._obs, _ = self.env.reset(seed=self.seed + self._episode_count)
+        self._obs, info = self.env.reset(seed=self.seed + self._episode_count)
+        self._privileged = info.get("privileged_vector")
 
     def _step_once(self) -> bool:
         try:
@@ -236,6 +299,7 @@ class RolloutWorker:
         self.total_steps += 1
         self._episode_step += 1
         self._obs = next_obs
+        self._privileged = info.get("privileged_vector")
         if terminated or truncated or len(self._pending) >= self.chunk_steps:
             self.flush()
         if terminated or truncated:

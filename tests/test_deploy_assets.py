@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from rollout_workers.worker import env_kwargs_for
 from td3drive.config import CarlaConfig, RunConfig, load_config
 from td3drive.prometheus import COUNTERS, GAUGES, LABELS
 
@@ -58,10 +59,11 @@ def test_cluster_config_is_the_scaled_gpu_run() -> None:
 def test_carla_config_reaches_the_environment() -> None:
     config = load_config(DEPLOY / "carla.yaml")
     assert config.rollout.env_id == "td3drive/Carla-v0"
-    kwargs = config.rollout.env_kwargs
-    # One source of truth: env_kwargs repeats the carla and task sections (YAML anchors).
+    # The sections themselves reach the environment (no copy in env_kwargs).
+    assert "carla" not in config.rollout.env_kwargs and "task" not in config.rollout.env_kwargs
+    kwargs = env_kwargs_for(config, worker_index=0)
     assert CarlaConfig.model_validate(kwargs["carla"]) == config.carla
-    assert kwargs["task"] == config.task.model_dump(include=set(kwargs["task"]))
+    assert kwargs["task"] == config.task.model_dump()
     carla_env = pytest.importorskip("rollout_workers.carla_env")
     env = carla_env.CarlaEnv(**kwargs)  # construction validates and never connects
     try:

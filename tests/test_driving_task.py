@@ -183,3 +183,11 @@ def test_ego_frame_is_x_forward_y_left() -> None:
         to_ego_frame(np.array([[0.0, 3.0]]), np.zeros(2), 0.0), [[0, 3]], atol=1e-6
     )
     assert wrap_angle(3 * math.pi / 2) == pytest.approx(-math.pi / 2)
+
+
+def test_speed_only_vector_keeps_the_speed_and_hides_the_lane_geometry() -> None:
+    s = state(speed=4.0, lateral_deviation=1.0, heading_error=0.3)
+    full = build_vector(s, TASK)
+    speed_only = build_vector(s, TASK.model_copy(update={"observation_vector": "speed_only"}))
+    assert speed_only[0] == full[0] == pytest.approx(4.0 / TASK.target_speed_mps)
+    assert np.all(speed_only[1:] == 0.0) and np.any(full[1:] != 0.0)
