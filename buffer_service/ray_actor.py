@@ -11,7 +11,9 @@ This is the only module of ``buffer_service/`` that imports Ray.
   queueing payloads in memory.
 * :class:`ReplaySampler` (learner): samples every shard in parallel,
   proportionally to their sizes, into a bounded prefetch queue filled by a
-  background thread.
+  background thread; under prioritized replay it sends each batch's TD errors
+  back to the shards the samples came from, with a bounded number of priority
+  updates in flight.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -221,12 +224,32 @@ class ReplaySampler:
         shards: shard actor handles.
         batch_size: transitions per batch.
         prefetch: batches kept ready (queue bound).
-        timeout_s: how long :meth:`next` waits for a batch before raising.
+        timeout_s: how long :meth:`next` waits for a batch before raising, and
+            how long :meth:`update_priorities` waits for a shard to settle
+            earlier priority updates.
+        max_priority_batches_in_flight: batches whose priority updates may be
+            unacknowledged at once; :meth:`update_priorities` waits beyond it.
+
+    Attributes:
+        priority_batches: batches whose TD errors were sent to the shards.
+        priority_transitions_updated: transitions the shards acknowledged as
+            live and re-prioritised (evicted ones are skipped; each shard counts
+            them in its ``stale_priority_updates``).
+        priority_transitions_lost: transitions whose shard died before it
+            acknowledged their update (the restarted shard keeps its snapshot's).
+        priority_wait_s_total: seconds :meth:`update_priorities` waited for a slot.
     """
 
     def __init__(
-        self, shards: Sequence[Any], batch_size: int, prefetch: int = 2, timeout_s: float = 600.0
+        self,
+        shards: Sequence[Any],
+        batch_size: int,
+        prefetch: int = 2,
+        timeout_s: float = 600.0,
+        max_priority_batches_in_flight: int = 2,
     ) -> None:
+        if max_priority_batches_in_flight < 1:
+            raise ValueError("max_priority_batches_in_flight must be >= 1")
         self._shards = list(shards)
         self.batch_size = batch_size
         self.timeout_s = timeout_s
@@ -235,6 +258,13 @@ class ReplaySampler:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.shard_failures = 0
+        self.max_priority_batches_in_flight = max_priority_batches_in_flight
+        # One entry per batch: its (ref, transitions) per shard, oldest first.
+        self._priority_in_flight: deque[list[tuple[ray.ObjectRef, int]]] = deque()
+        self.priority_batches = 0
+        self.priority_transitions_updated = 0
+        self.priority_transitions_lost = 0
+        self.priority_wait_s_total = 0.0
 
     def next(self, timeout_s: float | None = None) -> ShardedSample:
         """The next batch (starts the prefetch thread on first use).
@@ -261,11 +291,92 @@ class ReplaySampler:
         return item
 
     def update_priorities(self, sample: ShardedSample, td_errors: np.ndarray) -> None:
-        """Send new priorities to the shards the samples came from (fire and forget)."""
+        """Send each sample's absolute TD error to the shard it came from, which
+        sets its priority to ``(|δ| + ε)^α`` (Schaul et al. 2016, §3.3).
+
+        Row ``i`` goes to shard ``sample.shard_index[i]`` with id
+        ``sample.sampled.ids[i]``: one ``update_priorities`` call per shard
+        present in the batch. The calls are not awaited, but at most
+        ``max_priority_batches_in_flight`` batches stay unacknowledged: beyond
+        that this waits for the oldest batch's acknowledgements (milliseconds
+        normally; the time is counted in :attr:`priority_wait_s_total`).
+
+        Args:
+            sample: the batch the TD errors belong to, as :meth:`next` returned it.
+            td_errors: ``float[B]``, finite, in the batch's row order; the sign
+                is ignored.
+
+        Raises:
+            ValueError: ``td_errors`` has the wrong shape or holds NaN/inf;
+                nothing was sent.
+            TimeoutError: the shards did not settle earlier updates within
+                ``timeout_s``.
+            Exception: a shard refused an earlier update (e.g. ``ValueError``
+                from a shard without prioritized sampling), re-raised here.
+        """
+        errors = np.asarray(td_errors, dtype=np.float32)
+        ids = sample.sampled.ids
+        if errors.shape != ids.shape:
+            raise ValueError(f"{ids.shape[0]} samples but TD errors of shape {errors.shape}")
+        if not np.isfinite(errors).all():
+            raise ValueError("TD errors contain NaN or inf; no priorities were sent")
+        self._settle_priorities(self.max_priority_batches_in_flight - 1)
+        sent = []
         for index, shard in enumerate(self._shards):
             mask = sample.shard_index == index
             if mask.any():
-                shard.update_priorities.remote(sample.sampled.ids[mask], td_errors[mask])
+                ref = shard.update_priorities.remote(ids[mask], errors[mask])
+                sent.append((ref, int(mask.sum())))
+        self._priority_in_flight.append(sent)
+        self.priority_batches += 1
+
+    def flush_priorities(self, timeout_s: float | None = None) -> None:
+        """Wait until every priority update sent so far has been acknowledged.
+
+        Raises:
+            TimeoutError: updates still outstanding after ``timeout_s``
+                (default: the sampler's ``timeout_s``).
+            Exception: as :meth:`update_priorities`.
+        """
+        self._settle_priorities(0, timeout_s)
+
+    @property
+    def priority_batches_in_flight(self) -> int:
+        """Batches whose priority updates are not acknowledged yet."""
+        return len(self._priority_in_flight)
+
+    def _settle_priorities(self, at_most: int, timeout_s: float | None = None) -> None:
+        """Collect acknowledged priority batches, oldest first, and wait (up to
+        ``timeout_s``) until at most ``at_most`` batches remain outstanding."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        try:
+            while self._priority_in_flight:
+                oldest = self._priority_in_flight[0]
+                refs = [ref for ref, _ in oldest]
+                must_wait = len(self._priority_in_flight) > at_most
+                remaining = max(0.0, start + timeout - time.monotonic()) if must_wait else 0.0
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=remaining)
+                if len(ready) < len(refs):
+                    if must_wait:
+                        raise TimeoutError(
+                            f"replay shards did not acknowledge priority updates within "
+                            f"{timeout:g} s"
+                        )
+                    return
+                self._priority_in_flight.popleft()
+                for ref, count in oldest:
+                    try:
+                        self.priority_transitions_updated += int(ray.get(ref))
+                    except RayActorError as exc:  # the shard died; Ray restarts it
+                        self.priority_transitions_lost += count
+                        log.warning(
+                            "replay shard died during a priority update (%s)", type(exc).__name__
+                        )
+                    except RayTaskError as exc:
+                        raise exc.as_instanceof_cause() from None
+        finally:
+            self.priority_wait_s_total += time.monotonic() - start
 
     def close(self) -> None:
         """Stop the prefetch thread."""
@@ -326,7 +437,21 @@ class ReplaySampler:
 
 
 def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
-    """Join samples from several shards into one."""
+    """Join samples from several shards into one.
+
+    Importance weights (prioritized replay) are put on one scale. Shard ``s``
+    returns ``w_i = (N_s·P_s(i))^−β / c_s`` with its own normaliser
+    ``c_s = max_j (N_s·P_s(j))^−β`` (``weight_scale``). The sampler splits a
+    batch over shards in proportion to their sizes ``N_s``, so a transition's
+    probability in the whole replay is ``(N_s/N)·P_s(i)`` and its importance
+    weight ``(N·(N_s/N)·P_s(i))^−β = w_i·c_s`` (Schaul et al. 2016, §3.4). The
+    joined weights are ``w_i·c_s / max_s c_s``: normalised by the largest weight
+    of the participating shards' live transitions, as one shard alone would be.
+
+    Raises:
+        ValueError: some parts are weighted and others not, or a weighted part
+            lacks its ``weight_scale``.
+    """
     if len(parts) == 1:
         return parts[0]
     batches = [p.batch for p in parts]
@@ -335,13 +460,23 @@ def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
         for name in batches[0].arrays()
         if name != "weight"
     }
-    weights = [b.weight for b in batches]
+    weighted = [b.weight is not None for b in batches]
     weight = None
-    if all(w is not None for w in weights):
-        joined = np.concatenate([w for w in weights if w is not None])
-        weight = (joined / joined.max()).astype(np.float32)
+    scale = None
+    if any(weighted):
+        if not all(weighted) or any(p.weight_scale is None for p in parts):
+            raise ValueError("cannot join prioritized and uniform samples")
+        scales = [float(p.weight_scale or 0.0) for p in parts]
+        scale = max(scales)
+        weight = np.concatenate(
+            [
+                np.asarray(b.weight, np.float64) * (s / scale)
+                for b, s in zip(batches, scales, strict=True)
+            ]
+        ).astype(np.float32)
     return SampledBatch(
         batch=Batch(**fields, weight=weight),
         ids=np.concatenate([p.ids for p in parts]),
         policy_versions=np.concatenate([p.policy_versions for p in parts]),
+        weight_scale=scale,
     )

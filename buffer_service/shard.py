@@ -181,6 +181,14 @@ class ReplayShard:
         with self._cond:
             return self._storage.size
 
+    def priorities(self) -> np.ndarray | None:
+        """A copy of the live transitions' priorities ``p^α = (|δ| + ε)^α`` in id
+        order (``float64[size]``; a transition never re-prioritised holds the
+        largest priority seen when it was inserted), or ``None`` without
+        prioritized sampling. Read-only; for tests and diagnostics."""
+        with self._cond:
+            return self._storage.priorities_of_live()
+
     def stats(self) -> dict[str, Any]:
         """Size, bytes, compression, counters, waits and rate-limiter state."""
         with self._cond:

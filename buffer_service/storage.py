@@ -51,11 +51,17 @@ class SampledBatch:
             under prioritized sampling, else ``None``.
         ids: ``int64[B]`` transition ids, for :meth:`ReplayStorage.update_priorities`.
         policy_versions: ``int64[B]`` version of the policy that acted at each sample.
+        weight_scale: under prioritized sampling, the normaliser of ``batch.weight``:
+            ``max_j (N·P(j))^−β`` over the live transitions, so
+            ``batch.weight · weight_scale`` is the unnormalised ``(N·P(i))^−β``
+            (:func:`buffer_service.ray_actor.concatenate` renormalises samples
+            of several shards with it); ``None`` under uniform sampling.
     """
 
     batch: Batch
     ids: np.ndarray
     policy_versions: np.ndarray
+    weight_scale: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,8 +236,9 @@ class ReplayStorage:
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay shard")
         weight = None
+        weight_scale = None
         if self.prioritized:
-            ids, weight = self._sample_prioritized(batch_size)
+            ids, weight, weight_scale = self._sample_prioritized(batch_size)
         else:
             ids = self._rng.integers(self.oldest_id, self.next_id, size=batch_size)
         starts = self._chunk_starts()
@@ -274,7 +281,12 @@ class ReplayStorage:
             next_obs_vector=next_vector,
             weight=weight,
         )
-        return SampledBatch(batch=batch, ids=ids.astype(np.int64), policy_versions=versions)
+        return SampledBatch(
+            batch=batch,
+            ids=ids.astype(np.int64),
+            policy_versions=versions,
+            weight_scale=weight_scale,
+        )
 
     def _chunk_starts(self) -> np.ndarray:
         if self._starts_dirty:
@@ -291,9 +303,10 @@ class ReplayStorage:
             return np.concatenate([self._priorities[lo:], self._priorities[:hi]])
         return self._priorities[lo:hi]
 
-    def _sample_prioritized(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_prioritized(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
         # O(N) per call: a cumulative sum over the live priorities, then a
         # binary search per draw. At 250k transitions per shard that is ~1 ms.
+        # Returns (ids, normalised weights, their normaliser max_j (N P(j))^-β).
         priorities = self._live_priorities()
         cumulative = np.cumsum(priorities)
         total = cumulative[-1]
@@ -303,7 +316,8 @@ class ReplayStorage:
         min_probability = priorities.min() / total
         # w_i = (N P(i))^-β / max_j (N P(j))^-β = (P(i) / P_min)^-β
         weight = np.power(probabilities / min_probability, -self.priority_beta)
-        return self.oldest_id + index, weight.astype(np.float32)
+        scale = float(np.power(self.size * min_probability, -self.priority_beta))
+        return self.oldest_id + index, weight.astype(np.float32), scale
 
     def update_priorities(self, ids: np.ndarray, td_errors: np.ndarray) -> int:
         """Set ``p = (|td_error| + eps)^α`` for the live ids among ``ids``.

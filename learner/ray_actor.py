@@ -6,8 +6,10 @@
   runs TD3 updates, publishes actor+encoder weights every
   ``run.publish_every_updates`` updates (one ``ray.put`` per version, recorded
   on the weights board), tracks policy lag and the largest gradient norms,
-  and writes checkpoints. It is a threaded actor so :meth:`LearnerActor.stop`
-  can interrupt a :meth:`LearnerActor.train` call that waits for data.
+  and writes checkpoints. Under ``replay.prioritized`` it sends every
+  update's per-sample TD errors back to the shards as new priorities. It is a
+  threaded actor so :meth:`LearnerActor.stop` can interrupt a
+  :meth:`LearnerActor.train` call that waits for data.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from buffer_service.ray_actor import ReplaySampler
 from learner.td3 import TD3Learner
@@ -69,6 +72,8 @@ class LearnerActor:
         checkpoint_path: str | None = None,
     ) -> None:
         self.config = config
+        threads = config.run.learner_torch_threads or max(1, int(config.run.learner_num_cpus))
+        torch.set_num_threads(threads)
         if checkpoint_path and Path(checkpoint_path).exists():
             self.learner = TD3Learner.from_checkpoint(checkpoint_path)
             self.resumed_from: str | None = checkpoint_path
@@ -81,6 +86,7 @@ class LearnerActor:
             prefetch=config.replay.prefetch_batches,
             timeout_s=config.replay.rate_limit_timeout_s,
         )
+        self.prioritized = config.replay.prioritized
         self.board = weights_board
         self._stop = threading.Event()
         self.grad_norm_max = dict.fromkeys(GRAD_KEYS, 0.0)
@@ -91,6 +97,10 @@ class LearnerActor:
 
     def device(self) -> str:
         return str(self.learner.device)
+
+    def torch_threads(self) -> int:
+        """torch intra-op threads in the learner's process (``run.learner_torch_threads``)."""
+        return torch.get_num_threads()
 
     def updates(self) -> int:
         return self.learner.updates
@@ -108,16 +118,31 @@ class LearnerActor:
     def train(self, num_updates: int) -> dict[str, Any]:
         """Run up to ``num_updates`` updates (fewer if :meth:`stop` is called).
 
+        With ``replay.prioritized``, each update also returns its per-sample
+        absolute TD errors (:meth:`learner.td3.TD3Learner.update_with_td_errors`)
+        and the sampler sends them to the shards the samples came from as new
+        priorities (:meth:`buffer_service.ray_actor.ReplaySampler.update_priorities`).
+        Before returning, the call waits until the shards have acknowledged
+        them, so the counts below are final.
+
         Returns:
             ``{"updates" (total), "done" (this call), "metrics" (the latest
             value of each metric over the actor's life: critic ones from the
             last update, actor ones from the last actor step),
             "updates_per_s", "policy_lag_updates_mean" (this call),
-            "grad_norm" (running maxima), "sample_wait_s_total"}``.
+            "grad_norm" (running maxima), "sample_wait_s_total",
+            "priority_updates" (batches whose TD errors went to the shards, over
+            the actor's life; 0 without prioritized replay; also in ``metrics``
+            as ``replay/priority_updates``), "priority_transitions_updated"
+            (transitions the shards re-prioritised; evicted ones are skipped),
+            "priority_transitions_lost" (updates lost to a shard restart)}``.
 
         Raises:
-            learner.td3.NonFiniteLossError: a NaN/inf loss; the step was not applied.
+            learner.td3.NonFiniteLossError: a NaN/inf loss; the step was not
+                applied and no priorities were sent for it.
             buffer_service.rate_limiter.RateLimiterTimeout: no data for too long.
+            TimeoutError: the shards did not acknowledge priority updates
+                within ``replay.rate_limit_timeout_s``.
         """
         self._stop.clear()
         start = time.perf_counter()
@@ -134,7 +159,13 @@ class LearnerActor:
                 continue
             self.sample_wait_s_total += time.perf_counter() - waited
             lags.append(float(self.learner.updates - np.mean(sample.sampled.policy_versions)))
-            metrics.update(self.learner.update(sample.sampled.batch))
+            if self.prioritized:
+                update_metrics, td_errors = self.learner.update_with_td_errors(sample.sampled.batch)
+                self.sampler.update_priorities(sample, td_errors)
+                update_metrics[M.PRIORITY_UPDATES] = float(self.sampler.priority_batches)
+            else:
+                update_metrics = self.learner.update(sample.sampled.batch)
+            metrics.update(update_metrics)
             done += 1
             for name, key in GRAD_KEYS.items():
                 if key in metrics:
@@ -142,6 +173,8 @@ class LearnerActor:
             if self.learner.updates % publish_every == 0:
                 self.publish()
         self._lags.extend(lags)
+        if self.prioritized:
+            self.sampler.flush_priorities()
         elapsed = time.perf_counter() - start
         return {
             "updates": self.learner.updates,
@@ -151,6 +184,9 @@ class LearnerActor:
             "policy_lag_updates_mean": float(np.mean(lags)) if lags else None,
             "grad_norm": dict(self.grad_norm_max),
             "sample_wait_s_total": self.sample_wait_s_total,
+            "priority_updates": self.sampler.priority_batches,
+            "priority_transitions_updated": self.sampler.priority_transitions_updated,
+            "priority_transitions_lost": self.sampler.priority_transitions_lost,
         }
 
     def policy_lag_mean(self) -> float | None:

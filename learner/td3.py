@@ -113,6 +113,9 @@ class TD3Learner:
     * ``frozen``: like ``shared`` but the CNN is in no optimizer and never
       changes: the reference system's failure, kept as an ablation baseline.
 
+    Prioritized replay calls :meth:`update_with_td_errors` instead of
+    :meth:`update` to get each sample's absolute TD error for its new priority.
+
     Args:
         config: learner hyperparameters.
         device: overrides ``config.device`` when given.
@@ -127,6 +130,8 @@ class TD3Learner:
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.mode = config.encoder
         self.updates = 0
+        # max(|Q1 − y|, |Q2 − y|) of the last update, on the device (see update_with_td_errors).
+        self._abs_td_error: torch.Tensor | None = None
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -214,6 +219,7 @@ class TD3Learner:
             NonFiniteLossError: a loss or gradient norm is NaN/inf; the step
                 of that network was not applied.
         """
+        self._abs_td_error = None
         batch.validate()
         obs_image, obs_vector, action, reward, discount, next_image, next_vector, weight = (
             self._to_tensors(batch)
@@ -235,6 +241,8 @@ class TD3Learner:
         q1, q2 = self.critic.heads(critic_features, obs_vector, action)
         squared_errors = (q1 - target_q).square() + (q2 - target_q).square()
         critic_loss = (squared_errors if weight is None else weight * squared_errors).mean()
+        with torch.no_grad():  # per-sample |TD error| for PER priorities; stays on the device
+            self._abs_td_error = torch.maximum((q1 - target_q).abs(), (q2 - target_q).abs())
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         values: dict[str, torch.Tensor] = {
@@ -293,6 +301,37 @@ class TD3Learner:
         metrics[M.LEARNER_UPDATES] = float(self.updates)
         metrics[M.ACTOR_UPDATED] = float(actor_step)
         return metrics
+
+    def update_with_td_errors(self, batch: Batch) -> tuple[dict[str, float], np.ndarray]:
+        """:meth:`update`, and each sample's absolute TD error for prioritized replay.
+
+        The TD error is ``δ_i = max(|Q1(s_i, a_i) − y_i|, |Q2(s_i, a_i) − y_i|)``,
+        taken from the update's own critic forward pass (before the critic step,
+        on the same augmented images and smoothed target ``y`` the loss used), so
+        it costs no extra forward pass; it is detached and crosses to the host
+        once, here, never in :meth:`update`. The larger of the two critics'
+        errors is the priority of the TD3 PER baseline of Fujimoto, Meger,
+        Precup 2020 ("An Equivalence between Loss Functions and Non-Uniform
+        Sampling in Experience Replay", NeurIPS; ``PER_TD3.py`` in their code).
+        The replay shard turns it into ``p_i = (δ_i + ε)^α`` (Schaul et al. 2016,
+        "Prioritized Experience Replay", §3.3).
+
+        Args:
+            batch: as for :meth:`update`.
+
+        Returns:
+            ``(metrics, td_errors)``: ``metrics`` as :meth:`update` returns them;
+            ``td_errors`` is ``float32[B]``, non-negative and finite, in the
+            batch's row order.
+
+        Raises:
+            td3drive.spec.SpecError: as :meth:`update`.
+            NonFiniteLossError: as :meth:`update`; a finite critic loss implies
+                finite TD errors, so NaN/inf never comes back from here.
+        """
+        metrics = self.update(batch)
+        assert self._abs_td_error is not None  # set by every update that returns
+        return metrics, self._abs_td_error.float().cpu().numpy()
 
     def td_target(self, batch: Batch, smoothing: bool = False) -> np.ndarray:
         """The TD target ``r + discount · min(Q1', Q2')(s', μ'(s') + ε)`` of a

@@ -64,18 +64,29 @@ def evaluate_policy(
 
 def summarize(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"episodes", "return_mean", "success_rate", "route_completion_mean",
-    "mean_speed_kmh", "collision_rate"}`` over episode metrics (``None`` where
-    the environment did not report a field)."""
+    "route_completion_max", "mean_speed_kmh", "collision_rate", "off_road_rate",
+    "end_reasons"}`` over episode metrics: means over episodes (``None`` where
+    the environment did not report a field; route completion and rates in
+    ``[0, 1]``, speed in km/h), and how many episodes ended for each reason
+    (``collision``, ``off_road``, ``stuck``, ``route_complete``, ``time_limit``)."""
 
     def mean(key: str) -> float | None:
         values = [float(e[key]) for e in episodes if e.get(key) is not None]
         return float(np.mean(values)) if values else None
 
+    completions = [float(e["route_completion"]) for e in episodes if "route_completion" in e]
+    reasons: dict[str, int] = {}
+    for episode in episodes:
+        reason = str(episode.get("end_reason"))
+        reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "episodes": len(episodes),
         "return_mean": mean("return"),
         "success_rate": mean("success"),
         "route_completion_mean": mean("route_completion"),
+        "route_completion_max": max(completions) if completions else None,
         "mean_speed_kmh": mean("mean_speed_kmh"),
         "collision_rate": mean("collision"),
+        "off_road_rate": mean("off_road"),
+        "end_reasons": dict(sorted(reasons.items())),
     }

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from buffer_service.ray_actor import ReplayWriter
 from learner.networks import load_policy_weights, policy_for
@@ -41,6 +42,7 @@ class RolloutWorkerActor:
         weights_board: Any | None,
         worker_index: int,
     ) -> None:
+        torch.set_num_threads(config.run.worker_torch_threads)
         self._writer = ReplayWriter(
             shards, max_in_flight=config.replay.max_pushes_in_flight, first_shard=worker_index
         )
@@ -89,11 +91,16 @@ class RolloutWorkerActor:
         """The deterministic action for ``obs`` (for checks against the learner)."""
         return self.worker.policy_action(obs)
 
+    def torch_threads(self) -> int:
+        """torch intra-op threads in this worker's process (``run.worker_torch_threads``)."""
+        return torch.get_num_threads()
+
 
 class EvaluatorActor:
     """Evaluates the latest published policy, deterministically, on a fresh env."""
 
     def __init__(self, config: TD3DriveConfig, weights_board: Any) -> None:
+        torch.set_num_threads(config.run.worker_torch_threads)
         self.config = config
         self._board = weights_board
         learner = config.learner

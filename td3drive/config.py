@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 EncoderMode = Literal["separate", "shared", "frozen"]
 CnnVariant = Literal["nature", "pooled"]
 EncoderOutput = Literal["relu", "layernorm_tanh"]
+ObservationVector = Literal["full", "speed_only"]
+WarmupPolicy = Literal["uniform", "lane_follower"]
 
 
 class _Section(BaseModel):
@@ -180,7 +182,13 @@ class ReplayConfig(_Section):
         4, ge=1, description="Pushes a worker may have outstanding before it waits."
     )
     prefetch_batches: int = Field(2, ge=1, description="Sampled batches the learner keeps ready.")
-    prioritized: bool = Field(False, description="Proportional prioritized replay.")
+    prioritized: bool = Field(
+        False,
+        description="Proportional prioritized replay (Schaul et al. 2016): shards sample "
+        "transitions with probability ~ (|TD error| + eps)^alpha and return importance "
+        "weights; the learner sends each update's max(|Q1 - y|, |Q2 - y|) back as the "
+        "samples' new priorities.",
+    )
     priority_alpha: float = Field(0.6, ge=0, description="PER exponent alpha.")
     priority_beta: float = Field(0.4, ge=0, description="PER importance exponent beta.")
     priority_eps: float = Field(1e-6, gt=0, description="Added to |TD error|.")
@@ -237,6 +245,12 @@ class DrivingTaskConfig(_Section):
         description="Subtracted when the episode ends stuck (terminal); without it "
         "stopping is a free way out of a risky episode.",
     )
+    observation_vector: ObservationVector = Field(
+        "full",
+        description="What the observation vector carries: 'full' = speed, lateral "
+        "deviation, heading error and 10 waypoints; 'speed_only' = speed, the other 22 "
+        "values zero, so steering must come from the image (the pixels-matter test).",
+    )
 
 
 class CarlaConfig(_Section):
@@ -289,10 +303,25 @@ class RolloutConfig(_Section):
         "td3drive/Racetrack-v0", description="gymnasium id of the environment each worker runs."
     )
     env_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for gymnasium.make."
+        default_factory=dict,
+        description="Keyword arguments for gymnasium.make. td3drive's own environments also "
+        "receive the task (and carla) sections, which may not be repeated here.",
     )
     warmup_steps: int = Field(
         1000, ge=0, description="Uniform-random steps per worker before the policy acts."
+    )
+    warmup_policy: WarmupPolicy = Field(
+        "uniform",
+        description="What acts during warm-up: 'uniform' = uniform random actions; "
+        "'lane_follower' = the scripted lane follower (rollout_workers/scripted.py, on the "
+        "environment's privileged lane geometry) plus N(0, warmup_action_noise) noise. "
+        "Either way the data only fills the replay; the trained policy is TD3's actor.",
+    )
+    warmup_action_noise: float = Field(
+        0.3,
+        ge=0,
+        description="Std of the Gaussian noise on the lane follower's warm-up actions, "
+        "action units (both steer and throttle_brake).",
     )
     warmup_throttle_min: float = Field(
         0.0,
@@ -320,6 +349,22 @@ class RunConfig(_Section):
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker.")
     shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replay shard.")
     learner_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the learner.")
+    # Threads deliberately: on 2 cores a NatureCNN forward+backward at batch
+    # 64 took 268 ms with 1 torch thread and 896 ms with 2 while a rollout
+    # worker held the other core (oversubscription). Ray sets OMP_NUM_THREADS
+    # to an actor's whole CPUs (at least 1); these make it explicit.
+    learner_torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of the learner; null = learner_num_cpus "
+        "rounded down, at least 1.",
+    )
+    worker_torch_threads: int = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads of each rollout worker and the evaluator "
+        "(batch-1 inference gains nothing from more).",
+    )
     worker_steps_per_call: int = Field(
         128, ge=1, description="Env steps a worker takes per driver call (progress granularity)."
     )
@@ -373,6 +418,13 @@ class TD3DriveConfig(_Section):
                 f"replay.max_pushes_in_flight ({replay.max_pushes_in_flight}) must be at least "
                 f"replay.num_shards ({replay.num_shards}) with a replay ratio: a worker whose "
                 "only push waits on one shard could starve the shard the learner waits on"
+            )
+        repeated = sorted({"task", "carla"} & set(self.rollout.env_kwargs))
+        if repeated:
+            raise ValueError(
+                f"rollout.env_kwargs repeats the {' and '.join(repeated)} section(s); set "
+                f"{repeated[0]}.* instead (td3drive's environments receive those sections "
+                "directly, so the section is the one source of truth)"
             )
         if self.replay.chunk_steps > self.replay.per_shard(self.replay.capacity_transitions):
             raise ValueError("replay.chunk_steps exceeds one shard's capacity_transitions")

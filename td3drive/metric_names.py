@@ -43,3 +43,6 @@ ENCODER_LR = "optim/encoder_lr"
 LEARNER_UPDATES = "learner/updates"
 ACTOR_UPDATED = "learner/actor_updated"
 """1.0 on updates that stepped the actor and the targets (every policy_delay-th), else 0.0."""
+PRIORITY_UPDATES = "replay/priority_updates"
+"""Batches whose per-sample TD errors the learner sent to the replay shards as new
+priorities (prioritized replay only; absent otherwise)."""

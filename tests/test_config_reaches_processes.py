@@ -47,7 +47,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingR
             },
             learner={"actor_lr": 3e-4, "critic_lr": 2e-4},
             replay={"gamma": 0.9, "n_step": 2, "capacity_transitions": 10_000},
-            run={"total_env_steps": 256, "eval_episodes": 2},
+            run={
+                "total_env_steps": 256,
+                "eval_episodes": 2,
+                "learner_torch_threads": 2,
+                "worker_torch_threads": 2,
+            },
         )
     )
     run = TrainingRun(config, tmp_path_factory.mktemp("sections") / "run", log_line=lambda _: None)
@@ -107,6 +112,10 @@ def test_run_reaches_the_driver(finished_run: TrainingRun) -> None:
     summary = finished_run.summary  # type: ignore[attr-defined]
     assert summary["env_steps"] >= 256
     assert summary["eval"]["episodes"] == 2
+    # Thread counts are set in each process (Ray alone would give 1 thread to
+    # these actors of fewer than 2 CPUs).
+    assert ray.get(finished_run.learner.torch_threads.remote()) == 2
+    assert ray.get([w.torch_threads.remote() for w in finished_run.workers]) == [2, 2]
 
 
 def test_carla_section_reaches_each_workers_environment_kwargs() -> None:

@@ -327,6 +327,52 @@ def test_targets_do_not_move_between_delayed_updates(batch: Batch) -> None:
     assert changed(before[0], learner.target_critic_heads)
 
 
+# ------------------------------------------- prioritized replay: per-sample TD errors
+@pytest.mark.parametrize("mode", ["separate", "shared"])
+def test_update_with_td_errors_returns_each_samples_abs_td_error(mode: str) -> None:
+    # No smoothing noise and no augmentation: the update's target is td_target's.
+    learner = make_learner(encoder=mode, policy_noise=0.0, policy_delay=1)
+    learner.update(random_batch(seed=5))  # targets differ from the online networks
+    batch = random_batch(size=12, seed=3)
+    target = learner.td_target(batch, smoothing=False)
+    with torch.no_grad():
+        q1, q2 = learner.critic(
+            torch.from_numpy(batch.obs_image),
+            torch.from_numpy(batch.obs_vector),
+            torch.from_numpy(batch.action),
+        )
+    expected = np.maximum(np.abs(q1.numpy() - target), np.abs(q2.numpy() - target))
+
+    metrics, td_errors = learner.update_with_td_errors(batch)
+
+    assert isinstance(td_errors, np.ndarray)
+    assert td_errors.shape == (12,) and td_errors.dtype == np.float32
+    assert np.isfinite(td_errors).all() and (td_errors >= 0).all()
+    # Measured before the critic step, on the update's own forward pass.
+    np.testing.assert_allclose(td_errors, expected, rtol=1e-5, atol=1e-6)
+    assert metrics[M.LEARNER_UPDATES] == 2.0 and M.CRITIC_LOSS in metrics
+
+
+def test_update_with_td_errors_is_the_same_update(batch: Batch) -> None:
+    plain, prioritized = make_learner(policy_delay=1), make_learner(policy_delay=1)
+    weighted = Batch(**{**batch.arrays(), "weight": np.linspace(0.2, 1.0, 8, dtype=np.float32)})
+    for step in range(2):
+        expected = plain.update(weighted)
+        metrics, _ = prioritized.update_with_td_errors(weighted)
+        assert metrics == expected, step
+    for mine, theirs in ((prioritized.critic, plain.critic), (prioritized.actor, plain.actor)):
+        assert_same(snapshot(theirs), mine)
+
+
+def test_update_with_td_errors_never_returns_non_finite_errors(batch: Batch) -> None:
+    learner = make_learner(policy_delay=1)
+    with torch.no_grad():
+        learner.target_critic_heads.q1[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="critic"):
+        learner.update_with_td_errors(batch)
+    assert learner.updates == 0
+
+
 # ------------------------------------------------------------- bootstrapping
 def _transition(rng: np.random.Generator, terminated: bool, truncated: bool) -> Transition:
     def obs() -> dict[str, np.ndarray]:
