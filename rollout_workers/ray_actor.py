@@ -120,7 +120,9 @@ class EvaluatorActor:
         rollout = self.config.rollout
         # The evaluator is the worker after the last one (its own CARLA server).
         env_kwargs = env_kwargs_for(self.config, rollout.num_workers)
-        results = evaluate_policy(self.policy, rollout.env_id, env_kwargs, episodes, rollout.seed)
+        results = evaluate_policy(
+            self.policy, rollout.env_id, env_kwargs, episodes, self.config.run.eval_seed
+        )
         return {"policy_version": version, "episodes": results, "summary": summarize(results)}
 
 

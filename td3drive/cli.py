@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``td3drive train``: the main job (see :mod:`td3drive.driver`).
-* ``td3drive evaluate``: the deterministic policy of a checkpoint.
+* ``td3drive evaluate``: the deterministic policy of a checkpoint, under its run's settings.
 * ``td3drive report``: plots of a run directory.
 * ``td3drive sweep``: a grid of short trainings on Ray Tune.
 
@@ -23,7 +23,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from td3drive.config import LearnerConfig, TD3DriveConfig
 
 
 def _positive_int(text: str) -> int:
@@ -127,15 +130,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.set_defaults(handler=_bench_rollout)
 
+    class _LearningHelp(
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
+    ):
+        pass
+
     learning = benches.add_parser(
         "learning",
-        help="encoder modes side by side: frozen, separate, shared, shared+shift",
-        description="Trains each variant (frozen / separate / shared / shared with random "
-        "shift) on the embedded simulator with the same config, budget and seeds, "
-        "evaluating the deterministic policy every --eval-every env steps, and writes "
-        "learning.json (mean and std over seeds per checkpoint, wall-clock, updates/s) and "
-        "learning.png into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="config variants (encoder modes) trained side by side over seeds, with the "
+        "median and spread of their evaluations",
+        description="""Trains each variant for seeds 0..K-1 (a full training run each) on
+the embedded simulator with the same base config and env-step budget, and
+evaluates the deterministic policy every --eval-every env steps and at the end,
+each time on --eval-episodes episodes with fixed seeds: episode i resets with
+run.eval_seed + 10000000 + i whatever the training seed, so every variant,
+seed and evaluation point drives the same episodes (runs[].eval_seeds in
+learning.json).
+
+Writes into --out: learning.md, a table of the median over seeds with the
+interquartile range [q25, q75] and the min-max, of each run's final evaluation
+(return, success %, route completion %, collision %, speed km/h) and of its
+mean return over the last 3 evaluations; the env steps and wall-clock seconds
+to the first evaluation with route completion >= 50% and >= 80% (median over
+the seeds that reached it, and e.g. "2/3 reached"); wall-clock s, updates/s,
+encoder change and actor saturation (min-max). Its header names the commit
+(git rev-parse HEAD, and whether the checkout was dirty), the config file and
+the sha256 of the resolved base config, the machine (platform, CPUs, torch
+version and threads) and whether the comparison meets the evidence standard
+(>= 3 seeds, >= 10 episodes per evaluation). learning.json holds all of it,
+per run and aggregated; learning.png plots the median curves with the min-max
+band (the IQR band from 5 seeds on).
+
+Results are written after every run ("complete": false until all ran). An
+--out that already holds a comparison is refused unless --resume (reuse every
+run that completed, after checking that the base config, budget, evaluation
+settings, device and each run's resolved config match; an unfinished run is
+deleted and trained again from scratch) or --fresh (discard it first).
+
+Variants are overrides of base-config sections (then the bench sets the
+seeds, device, budget and evaluation settings):
+"""
+        + "\n".join(f"  {name}: {json.dumps(overrides)}" for name, overrides in VARIANTS.items()),
+        formatter_class=_LearningHelp,
     )
     learning.add_argument(
         "--config",
@@ -144,20 +180,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="base configuration",
     )
     learning.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
-    learning.add_argument("--env-steps", type=_positive_int, default=4000, help="budget per run")
-    learning.add_argument("--seeds", type=_positive_int, default=2, help="seeds per variant")
+    learning.add_argument(
+        "--env-steps", type=_positive_int, default=4000, help="env-step budget per run"
+    )
+    learning.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="seeds per variant (0..K-1); fewer than 3 is flagged below the evidence standard",
+    )
     learning.add_argument(
         "--eval-every", type=_positive_int, default=1000, help="env steps between evaluations"
     )
-    learning.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    learning.add_argument(
+        "--eval-episodes",
+        type=_positive_int,
+        default=10,
+        help="episodes per evaluation (run.eval_episodes of every run); fewer than 10 is "
+        "flagged below the evidence standard",
+    )
+    learning.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="learner.device of every run",
+    )
     learning.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help="comma-separated variants from " + ",".join(VARIANTS) + " (separate-relu-plain: "
-        "the earlier NatureCNN ReLU output without the pre-tanh penalty)",
+        help="comma-separated variants from " + ",".join(VARIANTS) + " ('default' is the base "
+        "config unchanged; separate-relu-plain: the earlier NatureCNN ReLU output without "
+        "the pre-tanh penalty)",
     )
     learning.add_argument(
         "--out", type=Path, default=Path("bench-results/learning"), help="output directory"
+    )
+    again = learning.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the comparison in --out: reuse its completed runs, retrain the rest "
+        "(refused when its settings differ)",
+    )
+    again.add_argument(
+        "--fresh", action="store_true", help="discard the comparison in --out and start over"
     )
     learning.set_defaults(handler=_bench_learning)
 
@@ -217,15 +283,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="run the deterministic policy of a checkpoint and report episode metrics",
+        help="run the deterministic policy of a checkpoint under its run's settings",
+        description="Runs the checkpoint's deterministic policy for --episodes episodes on "
+        "the environment its run trained on, built as the training evaluator builds it: "
+        "rollout.env_id with rollout.env_kwargs plus the task (and carla) sections of the "
+        "run's config.yaml (RUN_DIR/config.yaml for RUN_DIR/checkpoints/learner.pt), seeds "
+        "from run.eval_seed (the training evaluator's episodes). --config names another "
+        "config file; --env and --set override "
+        "single settings. A checkpoint outside a run directory is evaluated under the "
+        "default settings, with a warning. Prints the episode metrics as JSON, with "
+        "config_source, env_id, env_kwargs and seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="learner checkpoint")
-    evaluate.add_argument("--episodes", type=_positive_int, default=5, help="episodes to run")
-    evaluate.add_argument(
-        "--env", default="td3drive/Racetrack-v0", help="gymnasium id of the environment"
+    target = evaluate.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="learner checkpoint, e.g. RUN_DIR/checkpoints/learner.pt",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="base seed of the episodes")
+    target.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run directory: evaluates RUN_DIR/checkpoints/learner.pt under RUN_DIR/config.yaml",
+    )
+    evaluate.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="YAML run configuration to evaluate under, instead of the run's config.yaml",
+    )
+    evaluate.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run")
+    evaluate.add_argument(
+        "--env",
+        metavar="ID",
+        help="gymnasium id of the environment; None: the run's rollout.env_id",
+    )
+    evaluate.add_argument(
+        "--seed", type=int, help="base seed of the episodes; None: the run's run.eval_seed"
+    )
+    evaluate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set task.max_episode_steps=200",
+    )
     evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -268,12 +373,20 @@ def _bench_learning(args: argparse.Namespace) -> int:
             device=args.device,
             variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            eval_episodes=args.eval_episodes,
+            config_path=args.config,
+            resume=args.resume,
+            fresh=args.fresh,
         )
     except (ConfigError, ValueError) as exc:
         print(f"td3drive: error: {exc}", file=sys.stderr)
         return 2
     _emit(report, args.json)
-    print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}", file=sys.stderr)
+    print(
+        f"wrote {args.out / 'learning.md'}, {args.out / 'learning.json'} and "
+        f"{args.out / 'learning.png'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -302,6 +415,7 @@ def _train(args: argparse.Namespace) -> int:
         LiveDisplay,
         TrainingError,
         TrainingRun,
+        closing_lines,
         console_logger,
         load_run_config,
         resolve_run_dir,
@@ -349,35 +463,150 @@ def _train(args: argparse.Namespace) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
-    evaluation = summary["eval"]
-    emit(
-        f"done: {summary['env_steps']} env steps, {summary['learner_updates']} updates in "
-        f"{summary['wall_s']:.0f} s; eval return {evaluation.get('return_mean')}, "
-        f"success {evaluation.get('success_rate')}"
-    )
-    emit(f"summary: {run_dir / 'summary.json'}")
-    emit(f"plots: td3drive report {run_dir}")
+    for line in closing_lines(summary, run_dir):
+        emit(line)
     return 0
 
 
+def evaluation_settings(
+    checkpoint: Path,
+    learner_config: LearnerConfig,
+    *,
+    run_dir: Path | None = None,
+    config_path: Path | None = None,
+    overrides: Sequence[str] = (),
+    env_id: str | None = None,
+) -> tuple[TD3DriveConfig, str]:
+    """The run configuration a checkpoint is evaluated under, and where it came from.
+
+    The source, first match wins: ``config_path``; ``run_dir/config.yaml``
+    when ``run_dir`` is given; the run directory the checkpoint lies in
+    (``RUN_DIR/config.yaml`` for ``RUN_DIR/checkpoints/<file>``); else the
+    defaults (:class:`td3drive.config.TD3DriveConfig` with the checkpoint's
+    ``learner`` section), reported as ``"defaults"``. ``overrides``
+    (``section.key=value``, as ``td3drive train --set``) and then ``env_id``
+    (``rollout.env_id``) are applied before validation.
+
+    Args:
+        checkpoint: the learner checkpoint being evaluated.
+        learner_config: the checkpoint's own :class:`td3drive.config.LearnerConfig`.
+        run_dir: an explicit run directory (``--run-dir``).
+        config_path: an explicit configuration file (``--config``).
+        overrides: ``section.key=value`` strings.
+        env_id: replaces ``rollout.env_id`` when given.
+
+    Returns:
+        ``(TD3DriveConfig, source)`` where ``source`` is the path of the file
+        read or ``"defaults"``.
+
+    Raises:
+        td3drive.config.ConfigError: an unreadable or invalid config file, a
+            ``run_dir`` without ``config.yaml``, a malformed override, or a
+            result that does not validate.
+    """
+    from td3drive.config import (
+        ConfigError,
+        ReplayConfig,
+        apply_overrides,
+        config_from_dict,
+        load_config,
+    )
+    from td3drive.driver import CONFIG_FILE, load_run_config
+
+    raw: dict[str, Any]
+    if config_path is not None:
+        source = str(config_path)
+        raw = load_config(config_path).model_dump(mode="json")
+    else:
+        if run_dir is None:
+            located = checkpoint.resolve()
+            if located.parent.name == "checkpoints":
+                candidate = located.parent.parent
+                if (candidate / CONFIG_FILE).exists():
+                    run_dir = candidate
+        if run_dir is not None:
+            source = str(run_dir / CONFIG_FILE)
+            raw = load_run_config(run_dir).model_dump(mode="json")
+        else:
+            source = "defaults"
+            raw = {"learner": learner_config.model_dump(mode="json")}
+            # Replay settings do not matter to an evaluation; keep the default
+            # replay section valid with the checkpoint's batch size.
+            min_size = max(ReplayConfig().min_size_to_sample, learner_config.batch_size)
+            raw["replay"] = {"min_size_to_sample": min_size}
+    apply_overrides(raw, list(overrides))
+    if env_id is not None:
+        rollout = raw.setdefault("rollout", {})
+        if not isinstance(rollout, dict):
+            raise ConfigError(f"{source}: rollout is not a section")
+        rollout["env_id"] = env_id
+    changed = " + --set" if overrides else ""
+    changed += " + --env" if env_id is not None else ""
+    return config_from_dict(raw, source=source + changed), source
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (config errors list one field a line)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (tuples become lists, other objects strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    import gymnasium as gym
+
     from learner.networks import load_policy_weights, policy_for
     from learner.td3 import CheckpointError, TD3Learner
     from rollout_workers.evaluation import evaluate_policy, summarize
+    from rollout_workers.worker import env_kwargs_for
+    from td3drive.config import ConfigError
+    from td3drive.driver import LEARNER_CHECKPOINT
 
+    checkpoint: Path = args.checkpoint or args.run_dir / LEARNER_CHECKPOINT
     try:
-        learner = TD3Learner.from_checkpoint(args.checkpoint, device="cpu")
-    except CheckpointError as exc:
-        print(f"td3drive: error: {exc}", file=sys.stderr)
+        learner = TD3Learner.from_checkpoint(checkpoint, device="cpu")
+        config, source = evaluation_settings(
+            checkpoint,
+            learner.config,
+            run_dir=args.run_dir,
+            config_path=args.config,
+            overrides=args.overrides,
+            env_id=args.env,
+        )
+    except (CheckpointError, ConfigError) as exc:
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    config = learner.config
-    policy = policy_for(config)
+    if source == "defaults":
+        print(
+            f"td3drive: warning: the run's settings were not found (no config.yaml beside "
+            f"{checkpoint} or --config); evaluating under the default settings",
+            file=sys.stderr,
+        )
+    rollout = config.rollout
+    # As the training evaluator (EvaluatorActor): the worker after the last one.
+    env_kwargs = env_kwargs_for(config, rollout.num_workers)
+    seed = config.run.eval_seed if args.seed is None else args.seed
+    # The policy's shape is the checkpoint's own: its weights must load.
+    policy = policy_for(learner.config)
     load_policy_weights(policy, learner.policy_weights()[1])
-    episodes = evaluate_policy(policy, args.env, None, args.episodes, args.seed)
+    try:
+        episodes = evaluate_policy(policy, rollout.env_id, env_kwargs, args.episodes, seed)
+    except (gym.error.Error, TypeError, ValueError) as exc:
+        print(
+            f"td3drive: error: cannot evaluate on {rollout.env_id}: {_one_line(exc)}",
+            file=sys.stderr,
+        )
+        return 2
     result = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "policy_version": learner.updates,
-        "env": args.env,
+        "config_source": source,
+        "env_id": rollout.env_id,
+        "env_kwargs": _jsonable(env_kwargs),
+        "seed": seed,
         "summary": summarize(episodes),
         "episodes": episodes,
     }

@@ -378,6 +378,13 @@ class RunConfig(_Section):
         500, ge=1, description="Learner updates between checkpoints (learner + replay)."
     )
     eval_episodes: int = Field(3, ge=0, description="Deterministic episodes per evaluation.")
+    eval_seed: int = Field(
+        0,
+        ge=0,
+        description="Base seed of the evaluation episodes: episode i resets with "
+        "eval_seed + 10,000,000 + i, whatever the training seed, so every run and "
+        "evaluation point with the same eval_seed drives the same episodes.",
+    )
     eval_every_env_steps: int = Field(
         0,
         ge=0,

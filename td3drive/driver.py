@@ -586,6 +586,37 @@ class TrainingRun:
         return summary
 
 
+def closing_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """What a finished run tells its user: how far the car got in the final
+    evaluation (mean and best route completion, successes, speed, how the
+    episodes ended) and how to train further (``--resume`` with a larger budget)."""
+    evaluation = summary.get("eval") or {}
+    lines = [
+        f"done: {summary['env_steps']} env steps, {summary['learner_updates']} updates in "
+        f"{summary['wall_s']:.0f} s"
+    ]
+    episodes = int(evaluation.get("episodes") or 0)
+    if episodes and evaluation.get("route_completion_mean") is not None:
+        reasons = ", ".join(f"{n} {r}" for r, n in (evaluation.get("end_reasons") or {}).items())
+        successes = round(float(evaluation.get("success_rate") or 0.0) * episodes)
+        lines.append(
+            f"final evaluation ({episodes} episodes): the car drove "
+            f"{evaluation['route_completion_mean']:.0%} of the route on average "
+            f"(best {evaluation.get('route_completion_max') or 0.0:.0%}), completed it "
+            f"{successes}/{episodes} times at {evaluation.get('mean_speed_kmh') or 0.0:.0f} km/h; "
+            f"episodes ended: {reasons or 'unknown'}"
+        )
+    elif episodes:
+        lines.append(f"final evaluation: return {evaluation.get('return_mean')}")
+    budget = int(summary["env_steps"])
+    lines += [
+        f"train further: td3drive train --resume {run_dir} --total-env-steps {budget * 4}",
+        f"summary: {run_dir / SUMMARY_FILE}",
+        f"plots: td3drive report {run_dir}",
+    ]
+    return lines
+
+
 def console_logger() -> Callable[[str], None]:
     """Timestamped progress lines on stderr, for runs without a terminal
     (a TTY gets :class:`LiveDisplay` instead)."""

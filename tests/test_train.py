@@ -431,6 +431,8 @@ def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
             "frozen,shared",
             "--eval-every",
             "100",
+            "--eval-episodes",
+            "1",
             "--out",
             str(tmp_path / "learning"),
         ],
@@ -450,8 +452,12 @@ def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
     assert report["complete"] is True
     saturation = shared["runs"][0]["actor_saturation"]
     assert saturation is not None and 0.0 <= saturation <= 1.0
+    assert report["eval_episodes"] == 1 and frozen["runs"][0]["eval_seeds"] == [10_000_000]
+    assert set(frozen["time_to_threshold"]) == {"0.5", "0.8"}
+    assert report["machine"]["torch_threads"] >= 1 and report["base_config_sha256"]
     table = (tmp_path / "learning" / "learning.md").read_text()
     assert "| frozen |" in table and "| shared |" in table
+    assert "- commit: " in table and "BELOW THE STANDARD" in table
 
     sweep = subprocess.run(
         [
