@@ -14,7 +14,10 @@ and writes PNGs into ``RUN_DIR/report/``:
 
 * ``rollout.png``: what the agent does, against environment steps;
 * ``learner.png``: whether the learner learns, against learner updates;
-* ``system.png``: throughput, replay and policy lag, against wall time.
+* ``system.png``: throughput, replay and policy lag, against wall time;
+* ``replay_census.json`` (when the run has replay snapshots): what the replay
+  holds, crashes, stops and driving (:mod:`td3drive.replay_census`), also
+  printed.
 
 Each figure's function documents its panels. Malformed lines (not JSON, not
 an object, or with none of ``time_s`` / ``env_steps`` / ``learner_updates``;
@@ -40,6 +43,8 @@ from typing import Any, TextIO
 import yaml
 
 from td3drive import metric_names as M
+from td3drive import replay_census
+from td3drive.config import DrivingTaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +164,22 @@ def make_report(run_dir: Path, *, stream: TextIO | None = None) -> list[Path]:
     )
     for line in summary_lines(run_dir / SUMMARY_FILE):
         print(line, file=stream)
+    held = replay_census.census_of_run(run_dir, _task_config(config))
+    if held is not None:
+        census_path = out_dir / "replay_census.json"
+        census_path.write_text(json.dumps(held, indent=2) + "\n")
+        for line in replay_census.census_lines(held):
+            print(line, file=stream)
+        written.append(census_path)
     return written
+
+
+def _task_config(config: dict[str, Any] | None) -> DrivingTaskConfig:
+    """The run's task section (for the replay census), or the defaults."""
+    try:
+        return DrivingTaskConfig.model_validate((config or {}).get("task") or {})
+    except ValueError:
+        return DrivingTaskConfig()
 
 
 def summary_lines(path: Path) -> list[str]:

@@ -10,12 +10,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
 from PIL import Image
 
 from td3drive import metric_names as M
+from td3drive.config import DrivingTaskConfig
 from td3drive.report import (
     ReportError,
     learner_figure,
@@ -195,3 +197,61 @@ def test_no_usable_line_is_a_clear_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(ReportError, match="no usable line"):
         make_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def _episode_chunk(speeds: list[float], rewards: list[float], terminated: bool, episode: int):
+    """A compressed chunk whose step t has speed ``speeds[t]`` (m/s) in its vector;
+    ``speeds`` has one more entry than ``rewards`` (the last next_obs)."""
+    from buffer_service.codec import Chunk, compress
+    from td3drive.spec import Transition
+
+    task = DrivingTaskConfig()
+    image = np.zeros((4, 84, 84), np.uint8)
+
+    def obs(speed: float) -> dict[str, np.ndarray]:
+        vector = np.zeros(23, np.float32)
+        vector[0] = speed / task.target_speed_mps
+        return {"image": image, "vector": vector}
+
+    steps = len(rewards)
+    transitions = [
+        Transition(
+            obs=obs(speeds[t]),
+            action=np.zeros(2, np.float32),
+            reward=rewards[t],
+            next_obs=obs(speeds[t + 1]),
+            terminated=terminated and t == steps - 1,
+            truncated=False,
+            policy_version=0,
+            episode_id=episode,
+            step=t,
+        )
+        for t in range(steps)
+    ]
+    return compress(Chunk.from_transitions(transitions))
+
+
+def test_replay_census_classifies_crashes_stops_and_driving() -> None:
+    from td3drive.replay_census import census
+
+    task = DrivingTaskConfig()
+    chunks = [
+        # drives at 5 m/s, then 12 m/s (overspeed), then crashes at speed
+        _episode_chunk([5.0, 5.0, 12.0, 12.0], [1.0, 1.0, -9.5], terminated=True, episode=1),
+        # stands still, then the stuck rule ends it
+        _episode_chunk([0.0, 0.0, 0.0], [0.0, -10.0], terminated=True, episode=2),
+        # completes the route
+        _episode_chunk([6.0, 6.0], [1.0], terminated=True, episode=3),
+    ]
+    result = census(chunks, task)
+    assert result["transitions"] == 6 and result["episodes"] == 3
+    assert result["counts"] == {
+        "crash": 1,
+        "stuck_end": 1,
+        "route_complete": 1,
+        "stopped": 1,
+        "overspeed": 0,
+        "driving": 2,
+    }
+    assert sum(result["fractions"].values()) == pytest.approx(1.0)
+    assert result["policy_version_0_fraction"] == 1.0
