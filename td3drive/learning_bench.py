@@ -98,10 +98,30 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "action_preactivation_penalty": 0.0,
         },
     },
+    # Pixels must matter: the vector carries only the speed, so steering can
+    # come only from the image; the trained encoder must drive, the frozen not.
+    "speed-only": {"task": {"observation_vector": "speed_only"}},
+    "speed-only-frozen": {
+        "learner": {"encoder": "frozen", "random_shift_pad": 0, "encoder_lr": None},
+        "task": {"observation_vector": "speed_only"},
+    },
+    # deploy/local.yaml before issue 10's changes, for reference: batch 64 at
+    # replay ratio 16 (one update per 4 env steps), 1-step returns, gamma
+    # 0.99, tau 0.005, uniform random warm-up of 250 steps per worker,
+    # highway-env's +-45 deg steering.
+    "previous-default": {
+        "learner": {"batch_size": 64, "tau": 0.005},
+        "replay": {"replay_ratio": 16.0, "n_step": 1, "gamma": 0.99},
+        "rollout": {
+            "warmup_policy": "uniform",
+            "warmup_steps": 250,
+            "env_kwargs": {"max_steering_rad": 0.7853981633974483},  # pi/4, highway-env's
+        },
+    },
 }
 """Variant name -> ``{config section: {key: value}}`` overrides of the base config."""
 
-DEFAULT_VARIANTS = ("frozen", "separate", "shared", "shared+shift")
+DEFAULT_VARIANTS = ("default", "speed-only", "speed-only-frozen")
 FIELDS = (
     "return_mean",
     "success_rate",
