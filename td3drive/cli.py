@@ -176,12 +176,15 @@ seeds, device, budget and evaluation settings):
     learning.add_argument(
         "--config",
         type=Path,
-        default=Path("deploy/bench-learning-cpu.yaml"),
-        help="base configuration",
+        default=Path("deploy/local.yaml"),
+        help="base configuration (the default run)",
     )
     learning.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
     learning.add_argument(
-        "--env-steps", type=_positive_int, default=4000, help="env-step budget per run"
+        "--env-steps",
+        type=_positive_int,
+        default=12000,
+        help="env-step budget per run (deploy/local.yaml's)",
     )
     learning.add_argument(
         "--seeds",
@@ -190,7 +193,7 @@ seeds, device, budget and evaluation settings):
         help="seeds per variant (0..K-1); fewer than 3 is flagged below the evidence standard",
     )
     learning.add_argument(
-        "--eval-every", type=_positive_int, default=1000, help="env steps between evaluations"
+        "--eval-every", type=_positive_int, default=4000, help="env steps between evaluations"
     )
     learning.add_argument(
         "--eval-episodes",

@@ -577,6 +577,9 @@ class TrainingRun:
             "actor_saturation": metrics.get(M.ACTOR_SATURATION),
             "grad_norm": self.learner_stats.get("grad_norm", {}),
             "policy_lag_updates_mean": lag,
+            # Where the learner's time goes: seconds it waited for replay
+            # batches (the rest of its wall time was updates and publishing).
+            "learner_sample_wait_s": self.learner_stats.get("sample_wait_s_total"),
             "worker_restarts": self.progress.worker_restarts,
             "learner_restarts": self.progress.learner_restarts,
             "eval": evaluation or {"episodes": 0},
