@@ -777,9 +777,9 @@ def header_lines(report: Mapping[str, Any]) -> list[str]:
         f"learner device {report['device']}",
         f"- budget: {report['env_steps']} env steps per run on {report['env_id']}; the "
         f"deterministic policy evaluated every {report['eval_every_env_steps']} env steps and "
-        f"at the end, {report['eval_episodes']} episode(s) each on fixed seeds (episode i of "
-        "the run with training seed s resets with s + 10000000 + i: the same episodes for "
-        "every variant at a seed)",
+        f"at the end, {report['eval_episodes']} episode(s) each on fixed seeds (episode i "
+        "resets with run.eval_seed + 10000000 + i: the same episodes for every variant, "
+        "seed and evaluation point)",
         f"- seeds: 0..{report['seeds'] - 1} per variant; cells are the median over seeds "
         "[q25, q75] (min–max) of each run's final evaluation (one value when one seed ran); "
         "rates in %, return in reward units, speed in km/h",
