@@ -232,12 +232,12 @@ def test_frame_buffer_returns_the_requested_frame_and_drops_older_ones() -> None
     buffer.put(5, "five")
     buffer.put(6, "six")
     buffer.put(7, "seven")
-    assert buffer.wait_for(6, timeout=0.1) == "six"
+    assert buffer.wait_for(6, timeout=5.0) == "six"
     assert len(buffer) == 1  # 5 dropped as stale, 6 consumed, 7 kept
     buffer.put(4, "late four")  # older than what was asked: ignored
     buffer.put(6, "six again")
     assert len(buffer) == 1
-    assert buffer.wait_for(7, timeout=0.1) == "seven"
+    assert buffer.wait_for(7, timeout=5.0) == "seven"
     assert len(buffer) == 0
 
 
@@ -257,7 +257,7 @@ def test_frame_buffer_times_out_with_a_typed_error() -> None:
     start = time.monotonic()
     with pytest.raises(CarlaTimeoutError) as info:
         buffer.wait_for(4, timeout=0.05)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 30.0  # returned, did not hang
     assert isinstance(info.value, TimeoutError)
     message = str(info.value)
     assert "127.0.0.1:2000" in message
@@ -270,10 +270,10 @@ def test_frame_buffer_is_bounded_and_clear_resets_staleness() -> None:
     for frame in range(10):
         buffer.put(frame, frame)
     assert len(buffer) == 3
-    assert buffer.wait_for(9, timeout=0.1) == 9
+    assert buffer.wait_for(9, timeout=5.0) == 9
     buffer.clear()  # a new episode: frame numbers may start anywhere
     buffer.put(1, "one")
-    assert buffer.wait_for(1, timeout=0.1) == "one"
+    assert buffer.wait_for(1, timeout=5.0) == "one"
     with pytest.raises(ValueError):
         SensorFrameBuffer(max_pending=0)
 

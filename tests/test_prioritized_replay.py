@@ -167,8 +167,10 @@ def test_priority_updates_in_flight_are_bounded_and_bad_errors_never_sent(
     assert sampler.priority_batches == 1 and sampler.priority_batches_in_flight == 1
 
     ray.get(held.release.remote())
+    sampler.flush_priorities(timeout_s=60)  # the held batch settles; nothing left to wait on
+    assert sampler.priority_batches_in_flight == 0
     sampler.update_priorities(sample, np.ones(4))
-    sampler.flush_priorities(timeout_s=30)
+    sampler.flush_priorities(timeout_s=60)
     assert sampler.priority_batches_in_flight == 0
     assert sampler.priority_batches == 2 and sampler.priority_transitions_updated == 8
     # Two calls reached the shard: the NaN, misshapen and timed-out ones never did.
