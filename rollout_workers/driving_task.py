@@ -308,10 +308,18 @@ def build_vector(state: DrivingState, config: DrivingTaskConfig) -> np.ndarray:
     Raises:
         ValueError: ``waypoints`` is not ``[10, 2]``.
     """
-    vector = full_vector(state, config)
+    return observed_vector(full_vector(state, config), config)
+
+
+def observed_vector(full: np.ndarray, config: DrivingTaskConfig) -> np.ndarray:
+    """What the policy observes of a :func:`full_vector` ``float32[23]``: a
+    copy of it (``"full"``), or one with every value but the speed set to 0
+    (``"speed_only"``). Never the same array, so the observation and
+    ``info["privileged_vector"]`` do not alias."""
+    observed = full.copy()
     if config.observation_vector == "speed_only":
-        vector[1:] = 0.0
-    return vector
+        observed[1:] = 0.0
+    return observed
 
 
 def full_vector(state: DrivingState, config: DrivingTaskConfig) -> np.ndarray:

@@ -29,9 +29,9 @@ from rollout_workers.driving_task import (
     DrivingState,
     EpisodeTracker,
     FrameStack,
-    build_vector,
     check_episode_end,
     full_vector,
+    observed_vector,
     step_reward,
     to_ego_frame,
     wrap_angle,
@@ -139,8 +139,10 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._stuck_steps = 0
         image = self._frames.reset(self._frame(observation))
         state = self._state(progress=0.0)
-        info = {"privileged_vector": full_vector(state, self.task)}
-        return {"image": image, "vector": build_vector(state, self.task)}, info
+        full = full_vector(state, self.task)
+        return {"image": image, "vector": observed_vector(full, self.task)}, {
+            "privileged_vector": full
+        }
 
     def step(
         self, action: np.ndarray
@@ -169,16 +171,17 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._tracker.record(state, reward, end)
         self._previous_action = action
         image = self._frames.push(self._frame(observation))
+        full = full_vector(state, self.task)
         info: dict[str, Any] = {
             "reward_components": reward.as_dict(),
             "speed_mps": state.speed,
             "route_completion": state.route_completion,
             "end_reason": end.reason,
-            "privileged_vector": full_vector(state, self.task),
+            "privileged_vector": full,
         }
         if end.terminated or end.truncated:
             info["episode_metrics"] = self._tracker.metrics()
-        obs = {"image": image, "vector": build_vector(state, self.task)}
+        obs = {"image": image, "vector": observed_vector(full, self.task)}
         return obs, reward.total, end.terminated, end.truncated, info
 
     def render(self) -> np.ndarray | None:  # type: ignore[override]

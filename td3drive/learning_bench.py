@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from td3drive.config import TD3DriveConfig, config_from_dict
+from td3drive.report import flatten
 
 Progress = Callable[[str], None]
 
@@ -410,18 +411,9 @@ def summarize_variant(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- resume
-def _flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        return {prefix: raw}
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
     """``key: old -> new`` for the first ``limit`` differing dotted keys."""
-    flat_old, flat_new = _flatten(dict(old)), _flatten(dict(new))
+    flat_old, flat_new = dict(flatten(dict(old))), dict(flatten(dict(new)))
     keys = sorted(
         k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
     )

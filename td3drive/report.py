@@ -192,7 +192,7 @@ def summary_lines(path: Path) -> list[str]:
     except (OSError, json.JSONDecodeError) as exc:
         return [f"{path}: unreadable ({exc})"]
     lines = [f"{path}:"]
-    lines.extend(f"  {key}: {_fmt(value)}" for key, value in _flatten(data))
+    lines.extend(f"  {key}: {_fmt(value)}" for key, value in flatten(data))
     return lines
 
 
@@ -503,11 +503,13 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as ``(dotted key, leaf value)`` pairs, depth first
+    (``{"a": {"b": 1}}`` → ``[("a.b", 1)]``; a bare value is ``("(value)", v)``)."""
     if isinstance(data, dict):
         items: list[tuple[str, Any]] = []
         for key, value in data.items():
-            items.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            items.extend(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return items
     return [(prefix or "(value)", data)]
 
