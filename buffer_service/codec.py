@@ -46,6 +46,18 @@ FORMAT_VERSION = 1
 MAX_STEPS = 4096
 """Largest chunk accepted; bounds what a hostile header can make us allocate."""
 
+MAX_ABS_REWARD = 1e6
+"""Largest ``|reward|`` of one step that a chunk may carry.
+
+A driving task's step reward is O(1) (:mod:`td3drive.task`); this leaves six
+orders of magnitude for other reward scales while keeping everything the
+learner derives from rewards finite in float32: an n-step return is at most
+``n · 1e6`` (``n ≤`` :data:`MAX_STEPS`), a value estimate about
+``1e6 / (1 − γ)`` (``1e8`` at ``γ = 0.99``) and the critic's squared error
+about ``1e16``, far below float32's ``3.4e38``. Finite rewards near float32's
+maximum would otherwise overflow the n-step sum to ``inf`` and poison every
+batch that samples them."""
+
 _HEADER = struct.Struct("<4sHHIqqII")
 _CRC = struct.Struct("<I")
 _ENTRY = struct.Struct("<12s4sB3xII")
@@ -253,8 +265,9 @@ def validate_chunk(chunk: Chunk) -> None:
 
     Raises:
         CodecError: naming the field: wrong shape or dtype, NaN/inf, action
-            outside ``[-1, 1]``, an episode end before the last step,
-            negative ids, or more than :data:`MAX_STEPS` steps.
+            outside ``[-1, 1]``, ``|reward| >`` :data:`MAX_ABS_REWARD`, an
+            episode end before the last step, negative ids, or more than
+            :data:`MAX_STEPS` steps.
     """
     for name in ("frames", "vectors", "actions", "rewards", "terminated", "truncated", "versions"):
         value = getattr(chunk, name)
@@ -307,6 +320,11 @@ def _check_values(
     for name, value in (("vectors", vectors), ("actions", actions), ("rewards", rewards)):
         if not np.isfinite(value).all():
             raise CodecError(f"{name}: contains NaN or inf")
+    if np.abs(rewards).max() > MAX_ABS_REWARD:
+        raise CodecError(
+            f"rewards: |reward| {float(np.abs(rewards).max()):.4g} exceeds "
+            f"codec.MAX_ABS_REWARD ({MAX_ABS_REWARD:g}); scale the task's reward down"
+        )
     if np.abs(actions).max() > 1.0:
         raise CodecError("actions: values outside [-1, 1]")
     if terminated[:-1].any() or truncated[:-1].any():
@@ -409,17 +427,59 @@ def pack_arrays(
     return header + _CRC.pack(crc) + body
 
 
+def _byte_view(payload: object) -> memoryview:
+    """``payload`` as a flat byte view, if it is ``bytes``, ``bytearray`` or a
+    contiguous ``memoryview``.
+
+    Raises:
+        CodecError: anything else (``str``, ``None``, numpy arrays, a
+            non-contiguous view, ...).
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise CodecError(
+            f"payload must be bytes, bytearray or memoryview, got {type(payload).__name__}"
+        )
+    try:
+        return memoryview(payload).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"payload is not a contiguous byte buffer: {exc}") from None
+
+
+def payload_steps(payload: object) -> int:
+    """The step count a payload's header claims, without decoding the rest.
+
+    Returns:
+        ``T`` from the header (``1..MAX_STEPS``); the payload may still be
+        invalid.
+
+    Raises:
+        CodecError: not bytes, shorter than the header, bad magic or a step
+            count outside ``1..MAX_STEPS``.
+    """
+    view = _byte_view(payload)
+    if len(view) < _HEADER.size:
+        raise CodecError(f"payload of {len(view)} bytes is shorter than the header")
+    magic, _, _, steps, *_ = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {bytes(magic)!r}; not a td3drive chunk")
+    if not 1 <= steps <= MAX_STEPS:
+        raise CodecError(f"header claims {steps} steps; expected 1..{MAX_STEPS}")
+    return int(steps)
+
+
 def decode(payload: bytes | bytearray | memoryview) -> CompressedChunk:
     """Parse and fully validate a payload; every frame is test-decompressed.
 
     Raises:
-        CodecError: truncated or oversized payload, bad magic, another format
+        CodecError: not ``bytes``/``bytearray``/contiguous ``memoryview``,
+            truncated or oversized payload, bad magic, another format
             version, checksum mismatch, a directory entry with the wrong name,
             dtype or shape, undecodable LZ4 data, a frame that does not
-            decompress to 84×84 bytes, NaN/inf, actions outside ``[-1, 1]``,
-            an episode end before the last step, or negative ids.
+            decompress to 84×84 bytes, NaN/inf, ``|reward| >``
+            :data:`MAX_ABS_REWARD`, actions outside ``[-1, 1]``, an episode
+            end before the last step, or negative ids.
     """
-    view = memoryview(payload).cast("B")
+    view = _byte_view(payload)
     fixed = _HEADER.size + _CRC.size
     if len(view) < fixed:
         raise CodecError(f"payload of {len(view)} bytes is shorter than the {fixed}-byte header")

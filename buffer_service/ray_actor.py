@@ -2,9 +2,11 @@
 
 This is the only module of ``buffer_service/`` that imports Ray.
 
-* :func:`remote_shard_class`: :class:`ReplayShard` as a *threaded* actor, so a
-  call blocked by the rate limiter waits in its own thread while other calls
-  (samples, stats, snapshots) proceed.
+* :func:`remote_shard_class`: :class:`ReplayShard` as a *threaded* actor with
+  three Ray concurrency groups (``insert``, ``sample``, ``control``), so calls
+  blocked by the rate limiter wait in their own group's threads while every
+  other call (size, stats, snapshots, releases, priority updates) proceeds,
+  however many inserts are blocked.
 * :class:`ReplayWriter` (rollout workers): round-robin pushes that skip a shard
   holding its share of the ``max_in_flight`` outstanding; when the shards are
   slow or the rate limiter holds inserts back, ``push`` waits instead of
@@ -13,7 +15,9 @@ This is the only module of ``buffer_service/`` that imports Ray.
   proportionally to their sizes, into a bounded prefetch queue filled by a
   background thread; under prioritized replay it sends each batch's TD errors
   back to the shards the samples came from, with a bounded number of priority
-  updates in flight.
+  updates in flight. When the replay gives no batch for
+  ``replay.rate_limit_timeout_s`` it fails with :class:`ReplayTimeoutError`
+  on every later call until :meth:`ReplaySampler.reset`.
 """
 
 from __future__ import annotations
@@ -23,32 +27,181 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from buffer_service.codec import CodecError
-from buffer_service.shard import ReplayShard
+from buffer_service import shard as _shard
+from buffer_service.codec import CodecError, payload_steps
+from buffer_service.rate_limiter import RateLimiterTimeout
 from buffer_service.storage import SampledBatch
+from td3drive.config import ReplayConfig
 from td3drive.spec import Batch
 
 log = logging.getLogger(__name__)
 
+INSERT_THREADS = 16
+"""Default threads of a shard's ``insert`` concurrency group.
 
-def remote_shard_class(max_concurrency: int = 16, num_cpus: float = 1.0) -> Any:
-    """``ReplayShard`` as a threaded Ray actor class that Ray restarts when it
-    dies (the restarted shard reloads its last snapshot from ``snapshot_dir``).
+Each writer keeps at most ``ceil(replay.max_pushes_in_flight / num_shards)``
+pushes on one shard, so up to ``num_workers`` times that many inserts can be
+at a shard at once. Those beyond the group's threads wait in Ray's queue for
+the group, holding no thread; as the ``sample`` and ``control`` groups have
+threads of their own, no number of blocked or queued inserts can delay a
+sample, size, stats, snapshot or release. The group's size only bounds how
+many inserts decode at once (decoding is CPU-bound on the shard's one CPU, so
+more threads would not insert faster) and how many wait inside the shard
+rather than in Ray's queue; 16 covers 16 workers with 4 pushes in flight over
+4 shards (deploy/cluster.yaml) without queueing."""
+
+SAMPLE_THREADS = 2
+"""Threads of a shard's ``sample`` group: one learner samples each shard one
+batch at a time; the second lets a new sample start while an abandoned one
+(the sampler was reset) still waits out its rate-limiter timeout."""
+
+CONTROL_THREADS = 4
+"""Threads of a shard's ``control`` group (size, stats, save, restore,
+release_rate_limit, update_priorities, priorities): none of these waits on
+the rate limiter, so they only queue behind each other (a ``save`` writing
+its file holds one thread)."""
+
+SAMPLE_REPLY_GRACE_S = 30.0
+"""How much longer than ``timeout_s`` the sampler waits for a shard's sample
+reply, so that a shard's own :class:`RateLimiterTimeout` (which names the
+rate-limiter state) arrives before the sampler gives up on the shard."""
+
+
+class ReplayTimeoutError(TimeoutError):
+    """The replay service gave the learner no batch within
+    ``replay.rate_limit_timeout_s``: the shards hold too little data for the
+    replay ratio (no rollout worker inserting, ``min_size_to_sample`` not
+    reached) or do not answer (dead, restarting, overloaded).
+
+    Raised by :class:`ReplaySampler` and out of the learner's ``train``; a
+    driver catches it, then retries with a fresh sampler
+    (``LearnerActor.reset_sampler``) or stops the run with the message.
+
+    Attributes:
+        timeout_s: the timeout that expired, s.
+        reason: what the sampler saw (e.g. a shard's rate-limiter state).
+    """
+
+    def __init__(self, timeout_s: float, reason: str) -> None:
+        super().__init__(
+            f"no replay batch within {timeout_s:g} s (replay.rate_limit_timeout_s): {reason}"
+        )
+        self.timeout_s = timeout_s
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray's process boundary
+        return (type(self), (self.timeout_s, self.reason))
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _in_group(name: str) -> Callable[[_Method], _Method]:
+    """``ray.method(concurrency_group=name)``, typed as keeping the method's
+    signature (Ray's stubs type the result as a remote method, which mypy
+    then sees as an incompatible override of the plain class's method)."""
+    decorate: Any = ray.method(concurrency_group=name)
+    return decorate
+
+
+class ReplayShard(_shard.ReplayShard):
+    """:class:`buffer_service.shard.ReplayShard` as Ray runs it: each method in
+    its concurrency group (``insert``; ``sample``; everything else in
+    ``control``), and a restart by Ray counted in ``stats()["restarts"]``.
+
+    Same name as the plain class, so Ray's state API lists shards as
+    ``ReplayShard``. Arguments as for the plain class.
+    """
+
+    def __init__(
+        self,
+        config: ReplayConfig,
+        batch_size: int,
+        shard_index: int = 0,
+        snapshot_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        super().__init__(config, batch_size, shard_index, snapshot_dir, seed, restarted=restarted)
+
+    @_in_group("insert")
+    def insert(self, payload: bytes) -> dict[str, int]:
+        return super().insert(payload)
+
+    @_in_group("sample")
+    def sample(self, batch_size: int) -> SampledBatch:
+        return super().sample(batch_size)
+
+    @_in_group("control")
+    def release_rate_limit(self) -> None:
+        super().release_rate_limit()
+
+    @_in_group("control")
+    def update_priorities(self, ids: np.ndarray, td_errors: np.ndarray) -> int:
+        return super().update_priorities(ids, td_errors)
+
+    @_in_group("control")
+    def size(self) -> int:
+        return super().size()
+
+    @_in_group("control")
+    def priorities(self) -> np.ndarray | None:
+        return super().priorities()
+
+    @_in_group("control")
+    def stats(self) -> dict[str, Any]:
+        return super().stats()
+
+    @_in_group("control")
+    def save(self, directory: str | Path | None = None) -> str:
+        return super().save(directory)
+
+    @_in_group("control")
+    def restore(self, directory: str | Path) -> bool:
+        return super().restore(directory)
+
+
+def remote_shard_class(max_concurrency: int = INSERT_THREADS, num_cpus: float = 1.0) -> Any:
+    """:class:`ReplayShard` as a threaded Ray actor class that Ray restarts when
+    it dies (the restarted shard reloads its last snapshot from
+    ``snapshot_dir`` and counts the restart in ``stats()["restarts"]``).
+
+    Concurrency groups: ``insert`` (``max_concurrency`` threads, see
+    :data:`INSERT_THREADS`), ``sample`` (:data:`SAMPLE_THREADS`) and
+    ``control`` (:data:`CONTROL_THREADS`): a blocked insert never delays a
+    sample, size, stats, snapshot or release, whatever the worker count.
+
+    Args:
+        max_concurrency: threads of the ``insert`` group, ``≥ 1``.
+        num_cpus: CPUs reserved per shard.
 
     Returns:
-        The actor class; ``.remote(config, batch_size, shard_index, snapshot_dir)``.
+        The actor class; ``.remote(config, batch_size, shard_index, snapshot_dir, seed)``.
+
+    Raises:
+        ValueError: ``max_concurrency < 1``.
     """
-    # Ray's stubs omit max_concurrency, an actor option.
+    if max_concurrency < 1:
+        raise ValueError("max_concurrency (insert threads) must be >= 1")
+    # Ray's stubs omit max_concurrency and concurrency_groups, actor options.
     return ray.remote(  # type: ignore[call-overload]
-        num_cpus=num_cpus, max_concurrency=max_concurrency, max_restarts=-1
+        num_cpus=num_cpus,
+        max_restarts=-1,
+        max_concurrency=CONTROL_THREADS,  # the default group: methods not assigned above
+        concurrency_groups={
+            "insert": max_concurrency,
+            "sample": SAMPLE_THREADS,
+            "control": CONTROL_THREADS,
+        },
     )(ReplayShard)
 
 
@@ -76,7 +229,15 @@ class ReplayWriter:
     Attributes:
         pushed, rejected: payloads sent, and refused by a shard as invalid.
         lost: payloads whose shard died before acknowledging them.
+        pushed_transitions, rejected_transitions, lost_transitions: the same
+            counted in transitions (a chunk's steps).
         wait_s_total: seconds ``push`` spent waiting for a free slot.
+
+    The transitions lost to shard crashes are ``Σ pushed_transitions −
+    Σ rejected_transitions − Σ inserted_transitions`` (summed over writers and
+    shards, once nothing is in flight); ``lost_transitions`` is only the part
+    a writer saw (a shard that died before acknowledging), not chunks a shard
+    acknowledged and then lost because it died before its next snapshot.
     """
 
     def __init__(
@@ -95,26 +256,50 @@ class ReplayWriter:
         self.max_in_flight = max_in_flight
         self._in_flight: list[ray.ObjectRef] = []
         self._shard_of: dict[ray.ObjectRef, int] = {}
+        self._steps_of: dict[ray.ObjectRef, int] = {}
         self._per_shard_cap = -(-max_in_flight // len(self._shards))
         self.skip_after_s = skip_after_s
         self.pushed = 0
         self.rejected = 0
         self.lost = 0
+        self.pushed_transitions = 0
+        self.rejected_transitions = 0
+        self.lost_transitions = 0
         self.wait_s_total = 0.0
 
     @property
     def in_flight(self) -> int:
+        """Pushes sent and not yet acknowledged."""
         return len(self._in_flight)
 
-    def push(self, payload: bytes, timeout_s: float | None = None) -> None:
+    @property
+    def in_flight_transitions(self) -> int:
+        """Transitions of the pushes sent and not yet acknowledged."""
+        return sum(self._steps_of.values())
+
+    def push(
+        self, payload: bytes, timeout_s: float | None = None, transitions: int | None = None
+    ) -> None:
         """Send one payload; first wait (up to ``timeout_s``) while
         ``max_in_flight`` pushes are outstanding.
 
+        Args:
+            payload: an encoded chunk (:func:`buffer_service.codec.encode`).
+            timeout_s: most seconds to wait for a free slot; ``None`` waits.
+            transitions: the chunk's steps, for the transition counters;
+                ``None`` reads them from the payload's header (0 when the
+                header is unreadable: the shard will reject the payload).
+
         Raises:
-            TimeoutError: no slot freed within ``timeout_s``.
-            ray.exceptions.RayTaskError: a shard failed for a reason other
-                than an invalid payload (e.g. a rate-limiter timeout).
+            TimeoutError: no slot freed within ``timeout_s``; nothing was sent.
+            ray.exceptions.RayTaskError: a shard failed an earlier push for a
+                reason other than an invalid payload (e.g. a rate-limiter timeout).
         """
+        if transitions is None:
+            try:
+                transitions = payload_steps(payload)
+            except CodecError:
+                transitions = 0
         start = time.monotonic()
         try:
             while (index := self._free_shard()) is None:
@@ -128,7 +313,9 @@ class ReplayWriter:
         ref = self._shards[index].insert.remote(payload)
         self._in_flight.append(ref)
         self._shard_of[ref] = index
+        self._steps_of[ref] = transitions
         self.pushed += 1
+        self.pushed_transitions += transitions
 
     def in_flight_per_shard(self) -> list[int]:
         """This writer's outstanding pushes, by shard index."""
@@ -177,14 +364,17 @@ class ReplayWriter:
         ready, self._in_flight = ray.wait(self._in_flight, num_returns=wanted, timeout=timeout)
         for ref in ready:
             self._shard_of.pop(ref, None)
+            steps = self._steps_of.pop(ref, 0)
             try:
                 ray.get(ref)
             except RayActorError as exc:  # the shard died mid-insert; Ray restarts it
                 self.lost += 1
+                self.lost_transitions += steps
                 log.warning("replay shard died during a push; chunk lost (%s)", type(exc).__name__)
             except RayTaskError as exc:
                 if isinstance(exc.cause, CodecError):
                     self.rejected += 1
+                    self.rejected_transitions += steps
                     log.warning("replay shard rejected a chunk: %s", exc.cause)
                 else:
                     raise
@@ -216,21 +406,41 @@ def split_proportionally(total: int, sizes: Sequence[int]) -> list[int]:
     return counts.tolist()
 
 
+@dataclass(eq=False)
+class _Prefetch:
+    """One prefetch thread and what it owns: a reset starts a new one, and a
+    thread that outlives its reset can only touch its own queue."""
+
+    queue: queue.Queue[ShardedSample | BaseException]
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
 class ReplaySampler:
     """Keeps up to ``prefetch`` ready batches, each sampled from all shards in
     parallel in proportion to their sizes.
+
+    A background thread samples; when sampling fails (see :meth:`poll`) the
+    thread ends and its error is raised by every later :meth:`poll` /
+    :meth:`next` until :meth:`reset` starts a fresh thread.
 
     Args:
         shards: shard actor handles.
         batch_size: transitions per batch.
         prefetch: batches kept ready (queue bound).
-        timeout_s: how long :meth:`next` waits for a batch before raising, and
-            how long :meth:`update_priorities` waits for a shard to settle
-            earlier priority updates.
+        timeout_s: the replay timeout (``replay.rate_limit_timeout_s``), s:
+            how long :meth:`next` waits for a batch, how long the shards get to
+            answer a size query, how long sampling may keep failing because a
+            shard is dead before it gives up, and how long
+            :meth:`update_priorities` waits for a shard to settle earlier
+            priority updates.
         max_priority_batches_in_flight: batches whose priority updates may be
             unacknowledged at once; :meth:`update_priorities` waits beyond it.
 
     Attributes:
+        batches: batches handed out.
+        shard_failures: samples retried because a shard was dead.
         priority_batches: batches whose TD errors were sent to the shards.
         priority_transitions_updated: transitions the shards acknowledged as
             live and re-prioritised (evicted ones are skipped; each shard counts
@@ -238,6 +448,7 @@ class ReplaySampler:
         priority_transitions_lost: transitions whose shard died before it
             acknowledged their update (the restarted shard keeps its snapshot's).
         priority_wait_s_total: seconds :meth:`update_priorities` waited for a slot.
+        resets: times :meth:`reset` started a fresh prefetch thread.
     """
 
     def __init__(
@@ -250,14 +461,17 @@ class ReplaySampler:
     ) -> None:
         if max_priority_batches_in_flight < 1:
             raise ValueError("max_priority_batches_in_flight must be >= 1")
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
         self._shards = list(shards)
         self.batch_size = batch_size
         self.timeout_s = timeout_s
-        self._queue: queue.Queue[ShardedSample | BaseException] = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.prefetch = prefetch
+        self._lock = threading.Lock()
+        self._prefetch = _Prefetch(queue.Queue(maxsize=prefetch))
         self.batches = 0
         self.shard_failures = 0
+        self.resets = 0
         self.max_priority_batches_in_flight = max_priority_batches_in_flight
         # One entry per batch: its (ref, transitions) per shard, oldest first.
         self._priority_in_flight: deque[list[tuple[ray.ObjectRef, int]]] = deque()
@@ -266,6 +480,38 @@ class ReplaySampler:
         self.priority_transitions_lost = 0
         self.priority_wait_s_total = 0.0
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the current prefetch thread stopped sampling, or ``None``."""
+        return self._prefetch.error
+
+    def poll(self, timeout_s: float) -> ShardedSample | None:
+        """The next batch, or ``None`` if none is ready within ``timeout_s``
+        while sampling is still going (for a loop that checks a stop flag
+        between short waits). Starts the prefetch thread on first use.
+
+        Raises:
+            ReplayTimeoutError: sampling failed for lack of data or answers: a
+                shard's rate limiter timed out (too little data for
+                ``replay.rate_limit_timeout_s``), the shards did not answer
+                within it, or a shard stayed dead that long. Raised again by
+                every later call until :meth:`reset`.
+            Exception: any other error sampling raised in the background (e.g.
+                a shard's ``ValueError``), likewise raised again until
+                :meth:`reset`.
+        """
+        prefetch = self._started()
+        if prefetch.error is not None:
+            raise prefetch.error
+        try:
+            item = prefetch.queue.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        self.batches += 1
+        return item
+
     def next(self, timeout_s: float | None = None) -> ShardedSample:
         """The next batch (starts the prefetch thread on first use).
 
@@ -273,22 +519,35 @@ class ReplaySampler:
             timeout_s: overrides the sampler's ``timeout_s`` for this call.
 
         Raises:
-            TimeoutError: nothing arrived within the timeout.
-            Exception: whatever sampling raised in the background (e.g. a
-                shard's ``RateLimiterTimeout``), re-raised here.
+            ReplayTimeoutError: nothing arrived within the timeout (a
+                ``TimeoutError``), or as :meth:`poll`.
+            Exception: as :meth:`poll`.
         """
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._fill, name="replay-prefetch", daemon=True)
-            self._thread.start()
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no replay batch within {timeout:g} s") from None
-        if isinstance(item, BaseException):
-            raise item
-        self.batches += 1
+        item = self.poll(timeout)
+        if item is None:
+            raise ReplayTimeoutError(timeout, "no batch was ready; the shards are still sampling")
         return item
+
+    def reset(self) -> None:
+        """Drop the failed (or running) prefetch thread, its error and its ready
+        batches; the next :meth:`poll`/:meth:`next` starts a fresh thread.
+
+        Priority updates in flight and the counters are kept. A thread still
+        inside a shard call ends when that call returns, without delivering.
+        """
+        self.close()
+        self.resets += 1
+
+    def _started(self) -> _Prefetch:
+        with self._lock:
+            prefetch = self._prefetch
+            if prefetch.thread is None:
+                prefetch.thread = threading.Thread(
+                    target=self._fill, args=(prefetch,), name="replay-prefetch", daemon=True
+                )
+                prefetch.thread.start()
+            return prefetch
 
     def update_priorities(self, sample: ShardedSample, td_errors: np.ndarray) -> None:
         """Send each sample's absolute TD error to the shard it came from, which
@@ -379,30 +638,44 @@ class ReplaySampler:
             self.priority_wait_s_total += time.monotonic() - start
 
     def close(self) -> None:
-        """Stop the prefetch thread."""
-        self._stop.set()
+        """Stop the prefetch thread (waiting up to 5 s for it); a later
+        :meth:`poll`/:meth:`next` starts a fresh one."""
+        with self._lock:
+            old = self._prefetch
+            self._prefetch = _Prefetch(queue.Queue(maxsize=self.prefetch))
+        old.stop.set()
         while True:  # unblock a put() waiting for room
             try:
-                self._queue.get_nowait()
+                old.queue.get_nowait()
             except queue.Empty:
                 break
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if old.thread is not None:
+            old.thread.join(timeout=5)
 
-    def _fill(self) -> None:
-        while not self._stop.is_set():
+    def _fill(self, prefetch: _Prefetch) -> None:
+        failing_since: float | None = None
+        while not prefetch.stop.is_set():
             try:
                 item: ShardedSample | BaseException = self._sample_once()
+                failing_since = None
             except RayActorError as exc:  # a shard died; Ray restarts it from its snapshot
-                log.warning("replay shard unavailable (%s); retrying", type(exc).__name__)
-                self.shard_failures += 1
-                time.sleep(0.5)
-                continue
-            except BaseException as exc:  # surfaced to the caller of next()
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since < self.timeout_s:
+                    log.warning("replay shard unavailable (%s); retrying", type(exc).__name__)
+                    self.shard_failures += 1
+                    prefetch.stop.wait(0.5)
+                    continue
+                item = ReplayTimeoutError(
+                    self.timeout_s, f"a replay shard stayed unavailable ({type(exc).__name__})"
+                )
+            except BaseException as exc:  # surfaced to the caller of poll()/next()
                 item = exc
-            while not self._stop.is_set():
+            if isinstance(item, BaseException):
+                prefetch.error = item  # before the put: every later poll() raises it
+            while not prefetch.stop.is_set():
                 try:
-                    self._queue.put(item, timeout=0.1)
+                    prefetch.queue.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
@@ -412,18 +685,30 @@ class ReplaySampler:
     def _sample_once(self) -> ShardedSample:
         try:
             sizes = ray.get([s.size.remote() for s in self._shards], timeout=self.timeout_s)
-            counts = split_proportionally(self.batch_size, sizes)
-            refs = [
-                (index, self._shards[index].sample.remote(count))
-                for index, count in enumerate(counts)
-                if count > 0
-            ]
-            parts = ray.get([ref for _, ref in refs], timeout=self.timeout_s)
-        except GetTimeoutError as exc:
-            raise TimeoutError(f"replay shards did not answer within {self.timeout_s:g} s") from exc
+        except GetTimeoutError:
+            raise ReplayTimeoutError(
+                self.timeout_s, "the replay shards did not answer a size query"
+            ) from None
+        counts = split_proportionally(self.batch_size, sizes)
+        refs = [
+            (index, self._shards[index].sample.remote(count))
+            for index, count in enumerate(counts)
+            if count > 0
+        ]
+        try:
+            parts = ray.get([ref for _, ref in refs], timeout=self.timeout_s + SAMPLE_REPLY_GRACE_S)
+        except GetTimeoutError:
+            raise ReplayTimeoutError(
+                self.timeout_s, "the replay shards did not answer a sample"
+            ) from None
         except RayTaskError as exc:
             if isinstance(exc.cause, RayActorError):
                 raise exc.cause from None
+            if isinstance(exc.cause, RateLimiterTimeout):
+                raise ReplayTimeoutError(
+                    self.timeout_s,
+                    f"too little data to sample (are the rollout workers inserting?): {exc.cause}",
+                ) from None
             raise exc.as_instanceof_cause() from None
         return ShardedSample(
             sampled=concatenate([p for p in parts]),

@@ -1,13 +1,17 @@
 """One replay shard: codec + storage + rate limiter + snapshots, thread-safe.
 
-A plain class. :mod:`buffer_service.ray_actor` runs it as a threaded Ray
-actor, where a blocked ``insert`` or ``sample`` waits in its own thread on a
-condition variable while other calls go on; tests drive it in-process with
-threads.
+A plain class (no Ray here). :mod:`buffer_service.ray_actor` runs it as a
+threaded Ray actor with separate concurrency groups for inserts, samples and
+everything else, where a blocked ``insert`` or ``sample`` waits in its own
+thread on a condition variable while other calls go on; tests drive it
+in-process with threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +24,12 @@ from buffer_service.codec import CodecError, decode
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
 from buffer_service.storage import ReplayStorage, SampledBatch
+from td3drive.atomic_file import atomic_write
 from td3drive.config import ReplayConfig
+
+RESTARTS_FILE = "restarts.json"
+"""Written in the snapshot directory each time a shard comes back from a crash,
+so the restart count survives further crashes between two snapshots."""
 
 
 class ReplayShard:
@@ -35,6 +44,8 @@ class ReplayShard:
         snapshot_dir: where :meth:`save` writes; when it holds a complete
             snapshot the shard starts from it.
         seed: sampling seed (offset by ``shard_index``).
+        restarted: this process replaces one that died (the Ray wrapper passes
+            ``was_current_actor_reconstructed``); counted in ``restarts``.
 
     Raises:
         ValueError: a tolerance too small for ``batch_size`` and ``chunk_steps``.
@@ -49,6 +60,7 @@ class ReplayShard:
         shard_index: int = 0,
         snapshot_dir: str | Path | None = None,
         seed: int = 0,
+        restarted: bool = False,
     ) -> None:
         self.config = config
         self.shard_index = shard_index
@@ -80,10 +92,39 @@ class ReplayShard:
             "insert_timeouts": 0,
             "sample_timeouts": 0,
             "snapshots_written": 0,
+            "restarts": 0,
         }
+        self._waiting = {"insert": 0, "sample": 0}
+        self.restarted = restarted
         self.restored_from: str | None = None
         if self.snapshot_dir is not None:
             self.restore(self.snapshot_dir)
+        self._load_restart_count()
+        if restarted:
+            self._counters["restarts"] += 1
+            self._save_restart_count()
+
+    def _load_restart_count(self) -> None:
+        """Take the larger of the snapshot's restart count and the one in
+        :data:`RESTARTS_FILE`, which is newer when the shard died again before
+        its next snapshot. Without a snapshot directory the count of earlier
+        processes is lost (a restarted shard then counts 1)."""
+        if self.snapshot_dir is None:
+            return
+        path = self.snapshot_dir / RESTARTS_FILE
+        # No file (never restarted) or a damaged one: the snapshot's count stands.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = int(json.loads(path.read_text())["restarts"])
+            self._counters["restarts"] = max(self._counters["restarts"], saved)
+
+    def _save_restart_count(self) -> None:
+        """Persist the restart count; a failed write (e.g. a full disk) must not
+        stop the shard from starting: the count then lives until the next
+        snapshot in memory only."""
+        if self.snapshot_dir is not None:
+            text = json.dumps({"restarts": self._counters["restarts"]}).encode() + b"\n"
+            with contextlib.suppress(OSError):
+                atomic_write(self.snapshot_dir / RESTARTS_FILE, lambda handle: handle.write(text))
 
     # ------------------------------------------------------------ writing
     def insert(self, payload: bytes) -> dict[str, int]:
@@ -94,8 +135,9 @@ class ReplayShard:
             ``{"size": transitions held, "evicted": chunks evicted}``.
 
         Raises:
-            CodecError: the payload is invalid or longer than ``chunk_steps``;
-                nothing was inserted (counted in ``rejected_payloads``).
+            CodecError: the payload is invalid (including not bytes) or longer
+                than ``chunk_steps``; nothing was inserted (counted in
+                ``rejected_payloads``).
             RateLimiterTimeout: waited ``rate_limit_timeout_s`` without a
                 sample making room; nothing was inserted.
         """
@@ -161,6 +203,7 @@ class ReplayShard:
             return
         timeout = self.config.rate_limit_timeout_s
         start = time.monotonic()
+        self._waiting[side] += 1
         try:
             while not allowed():
                 remaining = start + timeout - time.monotonic()
@@ -173,6 +216,7 @@ class ReplayShard:
                     )
                 self._cond.wait(remaining)
         finally:
+            self._waiting[side] -= 1
             self._counters[f"{side}_wait_s_total"] += time.monotonic() - start
 
     # ------------------------------------------------------------ inspect
@@ -190,12 +234,43 @@ class ReplayShard:
             return self._storage.priorities_of_live()
 
     def stats(self) -> dict[str, Any]:
-        """Size, bytes, compression, counters, waits and rate-limiter state."""
+        """Size, bytes, compression, counters, waits and rate-limiter state (JSON-able).
+
+        Counters marked *cumulative* cover the shard's whole life: they are
+        saved in every snapshot and restored with it, so after a crash they
+        are the last snapshot's values plus what came after the restart.
+        Transitions a shard acknowledged after its last snapshot and then lost
+        in a crash are therefore missing from ``inserted_transitions``:
+        ``Σ pushed − Σ rejected − Σ inserted_transitions`` over the writers
+        and shards is what was lost (pushes still in flight aside).
+
+        Returns:
+            ``shard`` (index), ``pid`` (this process; changes on a restart),
+            storage: ``size``, ``chunks`` (held), ``bytes_held``,
+            ``bytes_per_transition``, ``compression_ratio``,
+            ``capacity_transitions``, ``capacity_bytes``; cumulative counts:
+            ``inserted_transitions``, ``inserted_chunks``, ``sampled_transitions``,
+            ``evicted_chunks``, ``evicted_transitions``,
+            ``stale_priority_updates``, ``rejected_payloads`` (chunks refused
+            as invalid), ``insert_timeouts``, ``sample_timeouts``,
+            ``snapshots_written``, ``restarts`` (times this shard came back
+            after its process died); cumulative seconds:
+            ``insert_wait_s_total``, ``sample_wait_s_total``; gauges:
+            ``waiting_inserts``, ``waiting_samples`` (calls blocked by the rate
+            limiter now); ``restarted`` (bool: this process replaced a dead
+            one), ``rate_limiter_inserted``, ``rate_limiter_sampled``,
+            ``rate_limiter_debt``, ``policy_version`` (newest seen),
+            ``restored_from`` (snapshot path loaded at start, or ``None``).
+        """
         with self._cond:
             return {
                 "shard": self.shard_index,
+                "pid": os.getpid(),
                 **self._storage.stats(),
                 **self._counters,
+                "waiting_inserts": self._waiting["insert"],
+                "waiting_samples": self._waiting["sample"],
+                "restarted": self.restarted,
                 "rate_limiter_inserted": self._limiter.inserted,
                 "rate_limiter_sampled": self._limiter.sampled,
                 "rate_limiter_debt": self._limiter.debt,

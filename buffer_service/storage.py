@@ -19,6 +19,11 @@ A ``truncated`` end therefore bootstraps. A chunk that ends mid-episode gives
 its last ``n − 1`` steps a shorter return (``k < n``) that bootstraps from the
 chunk's last observation: still a correct k-step target, and it spares the
 shard from stitching chunks together.
+
+The sum is taken in float64 and clipped to float32's finite range, so a
+stored return can never overflow to ``inf``. The codec already bounds each
+reward by :data:`buffer_service.codec.MAX_ABS_REWARD` (a return is then at
+most ``n · 1e6``); the clip guards chunks that did not come through it.
 """
 
 from __future__ import annotations
@@ -87,15 +92,19 @@ def nstep_targets(
 
     Returns:
         ``(reward float32[T], discount float32[T], k int16[T])`` as in the
-        module docstring.
+        module docstring; the rewards are summed in float64 and clipped to
+        float32's finite range, so they are never ``inf``.
     """
     steps = rewards.shape[0]
+    wide = np.asarray(rewards, dtype=np.float64)  # float32 products and sums could overflow
     t = np.arange(steps)
     k = np.minimum(n, steps - t)
     total = np.zeros(steps, dtype=np.float64)
     for j in range(min(n, steps)):
         valid = j < k
-        total[valid] += gamma**j * rewards[t[valid] + j]
+        total[valid] += gamma**j * wide[t[valid] + j]
+    limit = float(np.finfo(np.float32).max)
+    np.clip(total, -limit, limit, out=total)
     discount = np.power(gamma, k, dtype=np.float64)
     if terminated_at_end:
         discount[t + k == steps] = 0.0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ import ray
 import torch
 
 from buffer_service.ray_actor import ReplaySampler
-from learner.td3 import TD3Learner
+from learner.td3 import CheckpointError, TD3Learner
 from td3drive import metric_names as M
-from td3drive.config import TD3DriveConfig
+from td3drive.config import TD3DriveConfig, config_from_dict
 
 GRAD_KEYS = {
     "actor_preclip_max": M.ACTOR_GRAD_NORM_PRECLIP,
@@ -35,6 +35,23 @@ GRAD_KEYS = {
     "critic_preclip_max": M.CRITIC_GRAD_NORM_PRECLIP,
     "critic_postclip_max": M.CRITIC_GRAD_NORM_POSTCLIP,
 }
+
+
+def policy_lag_updates(updates: int, policy_versions: np.ndarray) -> float:
+    """Mean policy lag of a batch, in updates: ``mean(max(updates − v_i, 0))``.
+
+    Each sample's lag is clamped at 0. After the learner is rebuilt from its
+    last checkpoint, replay still holds samples that workers acted on with
+    the dead learner's newer weights (versions up to its last update count,
+    above the rebuilt learner's); their true lag is unknown but not negative,
+    and a negative one would pull the mean below the lag of every other sample.
+
+    Args:
+        updates: the learner's update count (its current policy version).
+        policy_versions: ``int[B]``, the version each sample was acted with.
+    """
+    lags = updates - np.asarray(policy_versions, dtype=np.int64)
+    return float(np.maximum(lags, 0).mean())
 
 
 def remote_learner_class(num_gpus: float = 0.0, num_cpus: float = 1.0) -> Any:
@@ -58,28 +75,50 @@ class LearnerActor:
         config: the run configuration.
         shards: replay shard actor handles.
         weights_board: the ``WeightsBoard`` actor handle.
-        checkpoint_path: load this learner checkpoint when the file exists.
+        checkpoint_path: load this learner checkpoint when the file exists,
+            under ``config.learner`` (changed non-architectural fields are
+            applied; :meth:`resume_changes` lists them).
+        require_checkpoint: the checkpoint must exist (a learner rebuilt after
+            a crash, or a resume): a missing file is an error, never a fresh start.
+        generation: the learner's incarnation (0 for the first, the driver's
+            ``learner_restarts`` for a rebuilt one); published weights carry it.
 
     Raises:
-        learner.td3.CheckpointError: the checkpoint does not fit the config.
+        learner.td3.CheckpointError: the checkpoint does not fit the config
+            (architecture fields named), is unreadable, or is missing while
+            ``require_checkpoint`` is set.
     """
 
     def __init__(
         self,
-        config: TD3DriveConfig,
+        config: TD3DriveConfig | Mapping[str, Any],
         shards: Sequence[Any],
         weights_board: Any,
         checkpoint_path: str | None = None,
+        require_checkpoint: bool = False,
+        generation: int = 0,
     ) -> None:
+        # The driver passes the config as a plain dict: constructor arguments
+        # by value let Ray restart an actor (ray-project/ray#53727).
+        if not isinstance(config, TD3DriveConfig):
+            config = config_from_dict(dict(config), source="learner actor config")
         self.config = config
         threads = config.run.learner_torch_threads or max(1, int(config.run.learner_num_cpus))
         torch.set_num_threads(threads)
+        self.generation = generation
         if checkpoint_path and Path(checkpoint_path).exists():
-            self.learner = TD3Learner.from_checkpoint(checkpoint_path)
+            self.learner = TD3Learner.from_checkpoint(checkpoint_path, config.learner)
             self.resumed_from: str | None = checkpoint_path
+        elif require_checkpoint:
+            raise CheckpointError(
+                f"learner checkpoint {checkpoint_path} not found; the learner cannot be rebuilt "
+                f"from it (is the run directory on storage every node can read?)"
+            )
         else:
             self.learner = TD3Learner(config.learner)
             self.resumed_from = None
+        # {field: (checkpoint value, value in use)} of the learner fields the resume changed.
+        self._resume_changes = dict(self.learner.resume_changes)
         self.sampler = ReplaySampler(
             shards,
             config.learner.batch_size,
@@ -105,10 +144,24 @@ class LearnerActor:
     def updates(self) -> int:
         return self.learner.updates
 
+    def resume_changes(self) -> dict[str, tuple[Any, Any]]:
+        """The learner fields whose value differs from the loaded checkpoint's,
+        ``{field: (checkpoint value, value in use)}``; empty without a checkpoint
+        or when nothing changed. For the driver to log."""
+        return dict(self._resume_changes)
+
     def publish(self) -> int:
-        """Publish the current actor+encoder weights; returns their version."""
+        """Publish the current actor+encoder weights as ``(generation, version)``;
+        returns the version.
+
+        The weights go to the board by value; the board
+        (:class:`rollout_workers.ray_actor.RayWeightsBoard`) stores them in the
+        object store itself, so they outlive this learner's process. A rebuilt
+        learner's larger ``generation`` makes the board take its versions even
+        though they restart below the dead learner's.
+        """
         version, weights = self.learner.policy_weights()
-        ray.get(self.board.publish.remote(version, [ray.put(weights)]))
+        ray.get(self.board.publish.remote(version, weights, self.generation))
         return version
 
     def stop(self) -> None:
@@ -140,7 +193,10 @@ class LearnerActor:
         Raises:
             learner.td3.NonFiniteLossError: a NaN/inf loss; the step was not
                 applied and no priorities were sent for it.
-            buffer_service.rate_limiter.RateLimiterTimeout: no data for too long.
+            buffer_service.ray_actor.ReplayTimeoutError: the replay gave no batch
+                within ``replay.rate_limit_timeout_s`` (no data, or shards not
+                answering); raised again by every later call until
+                :meth:`reset_sampler`.
             TimeoutError: the shards did not acknowledge priority updates
                 within ``replay.rate_limit_timeout_s``.
         """
@@ -152,13 +208,13 @@ class LearnerActor:
         publish_every = self.config.run.publish_every_updates
         while done < num_updates and not self._stop.is_set():
             waited = time.perf_counter()
-            try:
-                sample = self.sampler.next(timeout_s=1.0)
-            except TimeoutError:
+            try:  # None: no batch yet, check stop; a failed replay raises ReplayTimeoutError
+                sample = self.sampler.poll(timeout_s=1.0)
+            finally:
                 self.sample_wait_s_total += time.perf_counter() - waited
+            if sample is None:
                 continue
-            self.sample_wait_s_total += time.perf_counter() - waited
-            lags.append(float(self.learner.updates - np.mean(sample.sampled.policy_versions)))
+            lags.append(policy_lag_updates(self.learner.updates, sample.sampled.policy_versions))
             if self.prioritized:
                 update_metrics, td_errors = self.learner.update_with_td_errors(sample.sampled.batch)
                 self.sampler.update_priorities(sample, td_errors)
@@ -188,6 +244,11 @@ class LearnerActor:
             "priority_transitions_updated": self.sampler.priority_transitions_updated,
             "priority_transitions_lost": self.sampler.priority_transitions_lost,
         }
+
+    def reset_sampler(self) -> None:
+        """Start a fresh replay prefetch thread, e.g. after :meth:`train` raised
+        ``ReplayTimeoutError`` and the driver chose to retry."""
+        self.sampler.reset()
 
     def policy_lag_mean(self) -> float | None:
         """Mean policy lag over every update so far, in updates."""

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from learner.augmentation import random_shift
@@ -39,6 +43,7 @@ from learner.networks import (
     Critic,
     TwinQHead,
     encoder_for,
+    policy_for,
     read_only_tensor,
 )
 from td3drive import metric_names as M
@@ -53,9 +58,63 @@ _LOSS_AND_NORM_KEYS = {
     "actor": (M.ACTOR_LOSS, M.ACTOR_GRAD_NORM_PRECLIP),
 }
 
-# Fields that fix the shape of the networks: a checkpoint only loads into a
-# learner whose config agrees on them.
-_ARCHITECTURE_FIELDS = ("encoder", "cnn", "features_dim", "actor_hidden", "critic_hidden")
+# How a resume treats each field of LearnerConfig (td3drive/config.py), one
+# class per field; tests/test_learner_resume.py fails when a field is added to
+# LearnerConfig without being classified here.
+#
+# ARCHITECTURE_FIELDS fix the networks' modules and tensor shapes: a
+# checkpoint only loads into a learner whose config agrees on every one of
+# them, and a resume that changes one is refused with a CheckpointError naming
+# it (a new architecture is a new run). The frame stack, frame size, vector
+# and action widths are contract constants (td3drive/spec.py), not config.
+ARCHITECTURE_FIELDS: tuple[str, ...] = (
+    "encoder",  # which CNNs exist and which optimizer owns them
+    "cnn",  # conv stack (max-pools change the flattened width)
+    "encoder_output",  # relu vs LayerNorm+tanh: the LayerNorm has parameters
+    "features_dim",  # encoder output width = heads' input width
+    "actor_hidden",  # actor MLP widths
+    "critic_hidden",  # Q head MLP widths
+)
+# RESUME_APPLIED_FIELDS may change between a checkpoint and the run that
+# resumes it: the resumed learner runs with the run's current value (and
+# reports the change, old -> new, in TD3Learner.resume_changes). The value is
+# how each one takes effect.
+RESUME_APPLIED_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "device": "the resumed learner is built on it; the checkpoint's tensors are mapped there",
+        "actor_lr": "set in the actor optimizer's 'head' param group after its state is loaded",
+        "critic_lr": "set in the critic optimizer's 'head' param group after its state is loaded",
+        "encoder_lr": "set in the 'encoder' param groups after the optimizer states are loaded "
+        "(null: the owning network's lr)",
+        "batch_size": "read by the replay sampler the learner actor builds",
+        "tau": "read at every Polyak update",
+        "policy_noise": "read at every TD target",
+        "noise_clip": "read at every TD target",
+        "policy_delay": "read at every update (the actor steps when updates % policy_delay == 0)",
+        "action_preactivation_penalty": "read at every actor step",
+        "actor_max_grad_norm": "read at every actor step",
+        "critic_max_grad_norm": "read at every critic step",
+        "random_shift_pad": "read at every update",
+        "seed": "re-seeds the noise and augmentation generator (else the checkpoint's "
+        "generator state continues); network weights are the checkpoint's",
+    }
+)
+# Bytes of a generator's get_state(): CPU (mt19937) and CUDA (Philox seed + offset).
+_CPU_GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()
+_CUDA_GENERATOR_STATE_BYTES = 16
+# Keys every td3drive.learner/1 checkpoint holds.
+_REQUIRED_KEYS = (
+    "config",
+    "updates",
+    "actor",
+    "critic",
+    "target_actor_head",
+    "target_critic_heads",
+    "actor_optimizer",
+    "critic_optimizer",
+    "encoder_init",
+    "generator",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,7 +141,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this learner."""
+    """A checkpoint that cannot be loaded into this learner: missing, empty,
+    truncated, not a td3drive learner checkpoint, or of another architecture.
+    The message is one line and names the file or the fields."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,6 +184,9 @@ class TD3Learner:
     Attributes:
         updates: number of completed :meth:`update` calls; also the policy
             version that :meth:`policy_weights` publishes.
+        resume_changes: after :meth:`load_state_dict`, the learner fields whose
+            value in :attr:`config` differs from the checkpoint's,
+            ``{field: (checkpoint value, value in use)}``; empty otherwise.
     """
 
     def __init__(self, config: LearnerConfig, device: str | torch.device | None = None) -> None:
@@ -130,6 +194,8 @@ class TD3Learner:
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.mode = config.encoder
         self.updates = 0
+        # Fields whose value differs from the loaded checkpoint's, {name: (old, new)}.
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
         # max(|Q1 − y|, |Q2 − y|) of the last update, on the device (see update_with_td_errors).
         self._abs_td_error: torch.Tensor | None = None
 
@@ -502,8 +568,9 @@ class TD3Learner:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically: networks, targets,
         optimizers, the update counter, the RNG state of noise and
-        augmentation, and the initial encoder weights. Plain containers of
-        tensors, numbers and strings, loadable with ``weights_only=True``."""
+        augmentation (with the device type it belongs to), and the initial
+        encoder weights. Plain containers of tensors, numbers and strings,
+        loadable with ``weights_only=True``."""
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(mode="json"),
@@ -516,6 +583,9 @@ class TD3Learner:
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "encoder_init": {k: list(v) for k, v in self._encoder_init.items()},
             "generator": self._generator.get_state(),
+            # A CPU generator's state (5,056 bytes) does not load into a CUDA
+            # generator (16 bytes) or back: the loader needs to know which.
+            "generator_device": self._generator.device.type,
         }
         if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
             state["target_actor_encoder"] = self.target_actor_encoder.state_dict()
@@ -523,38 +593,103 @@ class TD3Learner:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned.
+        """Restore what :meth:`state_dict` returned, under this learner's config.
+
+        Restored: networks, targets, optimizer moments, the update count and
+        the initial encoder weights. Every field of
+        :data:`RESUME_APPLIED_FIELDS` keeps this learner's value: the learning
+        rates are written into the optimizers' param groups after their state
+        is loaded (which would otherwise bring back the checkpoint's). The
+        fields that differ from the checkpoint's config are recorded in
+        :attr:`resume_changes`.
+
+        The noise/augmentation generator's state is restored when it was saved
+        on this device type and ``seed`` is unchanged. A generator saved on
+        another device type (a CUDA checkpoint on a CPU learner: 16 bytes of
+        Philox state, where a CPU generator takes 5,056) is re-seeded from
+        ``seed`` and the update count instead, with a :class:`RuntimeWarning`;
+        so is one whose ``seed`` changed. Checkpoints without
+        ``generator_device`` (older ones) are recognised by their state's size.
 
         Raises:
-            CheckpointError: another format, or a checkpoint of networks with
-                another architecture (encoder mode, CNN, widths).
+            CheckpointError: another format, missing entries, a checkpoint of
+                networks with another architecture (every differing field of
+                :data:`ARCHITECTURE_FIELDS` named), or tensors that do not fit
+                its own config. The learner may be partly loaded then: discard it.
         """
-        if state.get("format") != CHECKPOINT_FORMAT:
+        _check_format(state, "checkpoint")
+        saved = _saved_config(state, "checkpoint")
+        check_architecture(saved, self.config, "checkpoint")
+        try:
+            self.actor.load_state_dict(state["actor"])
+            self.critic.load_state_dict(state["critic"])
+            self.target_actor_head.load_state_dict(state["target_actor_head"])
+            self.target_critic_heads.load_state_dict(state["target_critic_heads"])
+            if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
+                self.target_actor_encoder.load_state_dict(state["target_actor_encoder"])
+                self.target_critic_encoder.load_state_dict(state["target_critic_encoder"])
+            self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            for key, tensors in state["encoder_init"].items():
+                self._encoder_init[key] = [t.to(self.device) for t in tensors]
+            updates = int(state["updates"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(
-                f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
-            )
-        saved = state["config"]
-        mine = self.config.model_dump(mode="json")
-        for field in _ARCHITECTURE_FIELDS:
-            if saved.get(field) != mine[field]:
-                raise CheckpointError(
-                    f"checkpoint has learner.{field}={saved.get(field)!r}, "
-                    f"this learner has {mine[field]!r}"
-                )
-        self.actor.load_state_dict(state["actor"])
-        self.critic.load_state_dict(state["critic"])
-        self.target_actor_head.load_state_dict(state["target_actor_head"])
-        self.target_critic_heads.load_state_dict(state["target_critic_heads"])
-        if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
-            self.target_actor_encoder.load_state_dict(state["target_actor_encoder"])
-            self.target_critic_encoder.load_state_dict(state["target_critic_encoder"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        for key, tensors in state["encoder_init"].items():
-            self._encoder_init[key] = [t.to(self.device) for t in tensors]
+                f"checkpoint tensors do not fit its own learner config: {_short_reason(exc)}"
+            ) from exc
+        self._apply_learning_rates()
         self._encoder_init_norm = self._init_norms()
-        self._generator.set_state(state["generator"].cpu())
-        self.updates = int(state["updates"])
+        self.updates = updates
+        self.resume_changes = config_changes(saved, self.config)
+        self._restore_generator(state)
+
+    def _apply_learning_rates(self) -> None:
+        """Write ``config``'s learning rates into the optimizers' param groups."""
+        cfg = self.config
+        for optimizer, lr in (
+            (self.actor_optimizer, cfg.actor_lr),
+            (self.critic_optimizer, cfg.critic_lr),
+        ):
+            for group in optimizer.param_groups:
+                if group.get("name") == "encoder" and cfg.encoder_lr is not None:
+                    group["lr"] = cfg.encoder_lr
+                else:
+                    group["lr"] = lr
+
+    def _restore_generator(self, state: Mapping[str, Any]) -> None:
+        saved_state = state["generator"]
+        if not isinstance(saved_state, torch.Tensor) or saved_state.dtype != torch.uint8:
+            raise CheckpointError("checkpoint generator state is not a uint8 tensor")
+        recorded = state.get("generator_device")
+        saved_type = (
+            str(recorded).split(":")[0] if recorded else _generator_device_type(saved_state)
+        )
+        mine = self._generator.device.type
+        if "seed" in self.resume_changes:
+            self._reseed()
+            return
+        if saved_type == mine:
+            try:
+                self._generator.set_state(saved_state.cpu())
+            except RuntimeError as exc:
+                raise CheckpointError(
+                    f"checkpoint generator state does not load: {_short_reason(exc)}"
+                ) from exc
+            return
+        warnings.warn(
+            f"the checkpoint's noise/augmentation generator was saved on "
+            f"{saved_type or 'an unknown device type'} and this learner runs on {mine}: "
+            f"re-seeded from learner.seed and the update count ({self.updates}), so the "
+            f"random stream differs from an uninterrupted run",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._reseed()
+
+    def _reseed(self) -> None:
+        # Seed and update count together, so a resumed run does not replay the
+        # random stream of the run's start.
+        self._generator.manual_seed((self.config.seed + (self.updates << 32)) % 2**64)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically (temp file in the
@@ -569,18 +704,107 @@ class TD3Learner:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device | None = None
+        cls,
+        path: str | Path,
+        config: LearnerConfig | None = None,
+        device: str | torch.device | None = None,
     ) -> TD3Learner:
-        """A learner rebuilt from a checkpoint's own config and state.
+        """A learner rebuilt from a checkpoint.
+
+        Args:
+            path: a file written by :meth:`save_checkpoint`.
+            config: the run's current learner config. ``None`` resumes under
+                the checkpoint's own config. Given, the learner runs under it:
+                its :data:`ARCHITECTURE_FIELDS` must equal the checkpoint's,
+                and the fields of :data:`RESUME_APPLIED_FIELDS` that changed
+                are applied and listed in the result's :attr:`resume_changes`
+                as ``{field: (checkpoint value, config value)}``.
+            device: overrides the config's ``device`` when given.
 
         Raises:
-            CheckpointError: unreadable or foreign file.
+            CheckpointError: missing, empty, truncated or foreign file, or an
+                architecture field of ``config`` that differs from the
+                checkpoint's (every such field named). One-line message.
+            RuntimeError: the config asks for ``cuda`` and there is none.
         """
         state = load_checkpoint(path, map_location="cpu")
-        config = LearnerConfig.model_validate(state["config"])
-        learner = cls(config, device=device)
-        learner.load_state_dict(state)
+        saved = _saved_config(state, str(path))
+        if config is not None:
+            check_architecture(saved, config, str(path))
+        learner = cls(saved if config is None else config, device=device)
+        try:
+            learner.load_state_dict(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
         return learner
+
+
+class CheckpointInfo(NamedTuple):
+    """What :func:`validate_checkpoint` found.
+
+    Attributes:
+        config: the checkpoint's own learner config.
+        updates: its update count (the policy version of its weights).
+        changes: ``{field: (checkpoint value, config value)}`` of the fields
+            that a resume under the given config changes (all of them in
+            :data:`RESUME_APPLIED_FIELDS`); empty when no config was given.
+    """
+
+    config: LearnerConfig
+    updates: int
+    changes: dict[str, tuple[Any, Any]]
+
+
+class PolicyCheckpoint(NamedTuple):
+    """The policy of a checkpoint (:func:`load_policy_checkpoint`).
+
+    Attributes:
+        config: the checkpoint's learner config; ``policy_for(config)`` is the
+            network the weights load into.
+        version: the checkpoint's update count, the policy version.
+        weights: :class:`learner.networks.Actor` parameter names (``encoder.*``,
+            ``head.*``) to float32 numpy arrays on the host, as
+            :meth:`TD3Learner.policy_weights` publishes them; load with
+            :func:`learner.networks.load_policy_weights`.
+    """
+
+    config: LearnerConfig
+    version: int
+    weights: dict[str, np.ndarray]
+
+
+def check_architecture(saved: LearnerConfig, config: LearnerConfig, source: str) -> None:
+    """Refuse a config whose networks differ from a checkpoint's.
+
+    Args:
+        saved: the checkpoint's learner config.
+        config: the config it would be loaded under.
+        source: names the checkpoint in the message (its path).
+
+    Raises:
+        CheckpointError: one line naming every field of
+            :data:`ARCHITECTURE_FIELDS` that differs, with both values.
+    """
+    differing = [
+        f"learner.{field} {getattr(saved, field)!r} -> {getattr(config, field)!r}"
+        for field in ARCHITECTURE_FIELDS
+        if getattr(saved, field) != getattr(config, field)
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{source}: the config changes the network architecture of the checkpoint "
+            f"({'; '.join(differing)}; checkpoint -> config); architecture fields cannot "
+            f"change on resume: restore them or start a new run"
+        )
+
+
+def config_changes(saved: LearnerConfig, config: LearnerConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, config value)}`` of every learner field that differs."""
+    return {
+        field: (getattr(saved, field), getattr(config, field))
+        for field in type(config).model_fields
+        if getattr(saved, field) != getattr(config, field)
+    }
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -592,21 +816,100 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code runs on load).
 
+    Args:
+        path: the checkpoint file.
+        map_location: where its tensors go (``"cpu"`` loads a CUDA checkpoint
+            on a machine without a GPU).
+        mmap: map the file instead of reading it (tensors are read when used).
+
+    Returns:
+        The state dict of :meth:`TD3Learner.state_dict`, format and entries checked.
+
     Raises:
-        CheckpointError: missing, truncated or not a td3drive learner checkpoint.
+        CheckpointError: one line, never torch's own advice: ``no such
+            checkpoint``; ``empty file (0 bytes)``; ``truncated or corrupt``
+            (a torch zip archive that does not read back whole); ``not a
+            td3drive checkpoint (unreadable: <reason>)`` (anything else torch
+            cannot read with ``weights_only=True``); ``not a td3drive checkpoint
+            (<what it is>)``; ``incomplete td3drive checkpoint (missing: …)``.
     """
+    path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        size = path.stat().st_size
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such checkpoint") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from exc
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if size == 0:
+        raise CheckpointError(f"{path}: not a td3drive checkpoint: empty file (0 bytes)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from exc
     except Exception as exc:  # torch raises several types for corrupt files
-        raise CheckpointError(f"{path}: not a readable checkpoint: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        raise _unreadable(path, size, exc) from exc
+    _check_format(state, str(path))
     return state
+
+
+def validate_checkpoint(path: str | Path, config: LearnerConfig | None = None) -> CheckpointInfo:
+    """Check, before anything starts, that a checkpoint will load.
+
+    Loads the file on the CPU with ``weights_only=True``, checks the zip
+    CRC of every entry, its format and entries, that its learner config
+    validates and that its actor weights fit that config; with ``config``,
+    also that the architecture matches (:func:`check_architecture`). Nothing
+    is built on a device and no optimizer is restored, so it is cheap (a
+    fraction of a second for the default networks).
+
+    Returns:
+        :class:`CheckpointInfo`, whose ``changes`` a caller can log before resuming.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint` and :func:`check_architecture`;
+            one line naming the file.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    _check_crc(Path(path))
+    saved = _saved_config(state, str(path))
+    _actor_weights(state, saved, str(path))
+    if config is not None:
+        check_architecture(saved, config, str(path))
+    changes = config_changes(saved, config) if config is not None else {}
+    return CheckpointInfo(saved, _updates(state, str(path)), changes)
+
+
+def load_policy_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> PolicyCheckpoint:
+    """The policy (actor + its encoder) of a checkpoint, and nothing else.
+
+    For evaluation: no learner is built, no optimizer or generator state is
+    touched, so a checkpoint saved on a GPU loads on a CPU-only machine. The
+    file is memory-mapped; only the actor's tensors are read.
+
+    Args:
+        path: a learner checkpoint.
+        map_location: where the tensors are mapped on load (``"cpu"``).
+
+    Returns:
+        :class:`PolicyCheckpoint` ``(config, version, weights)``.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, or actor weights that do
+            not fit the checkpoint's own config.
+    """
+    state = load_checkpoint(path, map_location=map_location, mmap=True)
+    saved = _saved_config(state, str(path))
+    weights = _actor_weights(state, saved, str(path))
+    return PolicyCheckpoint(saved, _updates(state, str(path)), weights)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -614,3 +917,137 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
+
+
+# ------------------------------------------------------------ checkpoint checks
+def _check_format(state: Any, source: str) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"{source}: not a td3drive checkpoint (a {type(state).__name__}, "
+            f"not a {CHECKPOINT_FORMAT} state dict)"
+        )
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{source}: not a td3drive checkpoint (format {state.get('format')!r}, "
+            f"expected {CHECKPOINT_FORMAT!r})"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source}: incomplete td3drive checkpoint (missing: {', '.join(missing)})"
+        )
+
+
+def _saved_config(state: Mapping[str, Any], source: str) -> LearnerConfig:
+    raw = state.get("config")
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{source}: the checkpoint's learner config is not a mapping")
+    try:
+        return LearnerConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CheckpointError(
+            f"{source}: the checkpoint's learner config does not validate "
+            f"(learner.{where}: {first['msg']})"
+        ) from exc
+
+
+def _updates(state: Mapping[str, Any], source: str) -> int:
+    updates = state["updates"]
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        raise CheckpointError(f"{source}: the checkpoint's update count is {updates!r}")
+    return updates
+
+
+def _actor_weights(
+    state: Mapping[str, Any], config: LearnerConfig, source: str
+) -> dict[str, np.ndarray]:
+    """The actor's weights as float32 host copies, checked against the
+    network ``config`` builds (names and shapes; built on the meta device, so
+    nothing is allocated)."""
+    actor = state["actor"]
+    if not isinstance(actor, Mapping):
+        raise CheckpointError(f"{source}: the checkpoint's actor weights are not a state dict")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in policy_for(config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in actor.items() if isinstance(v, torch.Tensor)}
+    if found.keys() != expected.keys() or any(tuple(expected[k]) != found[k] for k in expected):
+        wrong = sorted(expected.keys() ^ found.keys()) or [
+            k for k in expected if tuple(expected[k]) != found[k]
+        ]
+        raise CheckpointError(
+            f"{source}: the checkpoint's actor weights do not fit its own learner config "
+            f"(first mismatch: {wrong[0]})"
+        )
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in actor.items()}
+
+
+def _generator_device_type(generator_state: torch.Tensor) -> str | None:
+    """The device type a generator state belongs to, from its size (checkpoints
+    written before ``generator_device`` was recorded); ``None`` when unknown."""
+    size = generator_state.numel()
+    if size == _CPU_GENERATOR_STATE_BYTES:
+        return "cpu"
+    if size == _CUDA_GENERATOR_STATE_BYTES:
+        return "cuda"
+    return None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unreadable(path: Path, size: int, exc: Exception) -> CheckpointError:
+    """The one-line error for a file ``torch.load`` could not read.
+
+    ``torch.save`` writes a zip archive. A file that starts like one but whose
+    archive does not read back whole (no central directory, bad CRC) is
+    truncated or corrupt; anything else is not a td3drive checkpoint. torch's
+    own message is cut to its reason: its advice to retry with
+    ``weights_only=False`` would run code from an untrusted file.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head.startswith(_ZIP_MAGIC):
+        return CheckpointError(
+            f"{path}: not a td3drive checkpoint (unreadable: not a torch.save archive, "
+            f"{size} bytes starting {head!r})"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            intact = archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+        intact = False
+    if not intact:
+        return CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({size} bytes; {_short_reason(exc)})"
+        )
+    return CheckpointError(f"{path}: not a td3drive checkpoint (unreadable: {_short_reason(exc)})")
+
+
+def _check_crc(path: Path) -> None:
+    """Check the zip CRC of every entry (``torch.load`` does not): a file
+    damaged in place, not only cut short, is refused too."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({exc})") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (bad CRC in {bad})")
+
+
+def _short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message, one line, without any
+    text that mentions ``weights_only`` (torch's advice to load unsafely)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and "weights_only" not in line and "file an issue" not in line
+    ]
+    reason = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"

@@ -20,6 +20,28 @@ A crashed environment (an exception from ``step`` or ``reset``) ends the
 episode as ``truncated``: the last completed transition is re-flagged
 ``truncated`` and the partial chunk is pushed, the environment is rebuilt,
 and the loop goes on with a new episode.
+
+A failed push (``push`` raised: the replay timed out, a shard failed) never
+changes what the worker does with its environment: the episode bookkeeping
+(the step counted, an episode end recorded and the next step starting a new
+episode) happens first, the chunk is encoded and the pending steps cleared,
+and only then is it pushed. A chunk whose push raised is kept as the one
+*unsent* chunk, counted in ``push_failures`` and logged, and :meth:`run`
+returns early (``stats["push_error"]`` says why, ``stats["steps"]`` counts
+the steps really taken). Every later :meth:`run` or :meth:`flush` first sends
+the unsent chunk again and takes no step until it went out, so the worker
+holds at most one unsent chunk, never steps a finished episode, never builds
+a chunk longer than ``chunk_steps``, and loses nothing while the replay comes
+back. Only :meth:`close` with a chunk that still cannot be sent drops it;
+it counts it in ``chunks_dropped`` and ``transitions_dropped`` and logs an error.
+(A worker process that dies loses its unsent chunk and its partial chunk.)
+
+Episode ids are unique per run: ``(worker_index << 48) | (incarnation << 32)
+| count`` (:func:`episode_id`), where ``incarnation`` distinguishes a worker
+that Ray restarted (or a resumed run's new worker) from its earlier lives.
+A restarted worker also skips the warm-up (``warmup=False``): the replay
+already holds the warm-up data, so it acts with the policy as soon as the
+first weights arrive.
 """
 
 from __future__ import annotations
@@ -53,13 +75,31 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_ENV_FAILURES = 10
 """A worker gives up (raises) after this many environment failures in a row."""
 
+EPISODE_COUNT_BITS = 32
+"""Low bits of an episode id: the worker's episode count in this incarnation."""
+INCARNATION_BITS = 16
+"""Middle bits of an episode id: the worker's incarnation (:func:`episode_id`)."""
+MAX_WORKER_INDEX = (1 << (63 - EPISODE_COUNT_BITS - INCARNATION_BITS)) - 1
+"""The largest worker index whose episode ids fit a non-negative int64 (32,767)."""
+
 
 class EnvironmentFailure(RuntimeError):
     """The environment keeps failing even after being rebuilt."""
 
 
-WeightsSource = Callable[[int], "tuple[int, Mapping[str, np.ndarray]] | None"]
-"""Called with the version a worker holds; returns newer ``(version, weights)`` or ``None``."""
+class EnvironmentSpecError(ValueError):
+    """The configured environment cannot be built, or its spaces are not the contract's."""
+
+
+class PushError(RuntimeError):
+    """A chunk could not be pushed; the worker keeps it and sends it again later."""
+
+
+WeightsSource = Callable[[int, int], "tuple[int, int, Mapping[str, np.ndarray]] | None"]
+"""Called with the ``(generation, version)`` a worker holds (``(0, -1)`` before
+any weights); returns newer ``(generation, version, weights)`` or ``None``.
+Newer means a larger ``(generation, version)`` tuple
+(:class:`td3drive.weights.WeightsBoard`)."""
 
 
 TASK_SECTION_ENVS: dict[str, tuple[str, ...]] = {
@@ -68,6 +108,34 @@ TASK_SECTION_ENVS: dict[str, tuple[str, ...]] = {
 }
 """Environments that read config sections, and which: each gets the run's
 ``task`` (and ``carla``) section as a keyword argument of the same name."""
+
+
+def episode_id(worker_index: int, incarnation: int, count: int) -> int:
+    """The id of a worker's ``count``-th episode in one incarnation.
+
+    ``(worker_index << 48) | (incarnation << 32) | count``: a non-negative
+    int64 (the codec's ``episode_id``), unique across workers and, as long as
+    incarnations differ, across a worker's lives.
+
+    Args:
+        worker_index: ``0 ≤ worker_index ≤`` :data:`MAX_WORKER_INDEX`.
+        incarnation: ``0 ≤ incarnation < 2**16``.
+        count: ``0 ≤ count < 2**32``.
+
+    Raises:
+        ValueError: an argument out of its range.
+    """
+    if not 0 <= worker_index <= MAX_WORKER_INDEX:
+        raise ValueError(f"worker_index must be in [0, {MAX_WORKER_INDEX}], got {worker_index}")
+    if not 0 <= incarnation < 1 << INCARNATION_BITS:
+        raise ValueError(f"incarnation must be in [0, 2**16), got {incarnation}")
+    if not 0 <= count < 1 << EPISODE_COUNT_BITS:
+        raise ValueError(f"episode count must be in [0, 2**32), got {count}")
+    return (
+        (worker_index << (INCARNATION_BITS + EPISODE_COUNT_BITS))
+        | (incarnation << EPISODE_COUNT_BITS)
+        | count
+    )
 
 
 def worker_env_kwargs(env_kwargs: Mapping[str, Any], worker_index: int) -> dict[str, Any]:
@@ -96,6 +164,68 @@ def env_kwargs_for(config: TD3DriveConfig, worker_index: int) -> dict[str, Any]:
     return worker_env_kwargs(kwargs, worker_index)
 
 
+def check_spaces(env: gym.Env, env_id: str) -> None:
+    """Check an environment's spaces against the contract (:mod:`td3drive.spec`).
+
+    Raises:
+        EnvironmentSpecError: the observation or action space differs; the
+            one-line message names the space, what ``env_id`` has and what
+            the contract expects.
+    """
+    expected_obs, expected_action = spec.observation_space(), spec.action_space()
+    if env.observation_space != expected_obs:
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: environment observation space "
+            f"{env.observation_space} is not the contract's {expected_obs}"
+        )
+    if env.action_space != expected_action:
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: environment action space {env.action_space} "
+            f"is not the contract's {expected_action}"
+        )
+
+
+def check_environment(config: TD3DriveConfig) -> None:
+    """Build worker 0's environment once, check its spaces, close it.
+
+    The driver calls this before it starts any worker, so that a wrong
+    ``rollout.env_id`` stops the run with one line instead of a worker actor
+    that Ray restarts forever. The environment is built exactly as worker 0
+    builds it (``gymnasium.make(rollout.env_id, **env_kwargs_for(config, 0))``;
+    for CARLA that connects to worker 0's server).
+
+    Raises:
+        EnvironmentSpecError: the id is not registered with gymnasium, the
+            environment cannot be built (a missing dependency, a wrong
+            keyword, a simulator that does not answer), or its observation or
+            action space is not the contract's. The message is one line and
+            starts with ``rollout.env_id=...``.
+    """
+    env_id = config.rollout.env_id
+    try:
+        env = gym.make(env_id, **env_kwargs_for(config, 0))
+    except gym.error.UnregisteredEnv as exc:
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: no such gymnasium environment ({_one_line(exc)})"
+        ) from exc
+    except Exception as exc:
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: the environment cannot be built: "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
+    try:
+        check_spaces(env, env_id)
+    finally:
+        try:
+            env.close()
+        except Exception as exc:  # closing a probe must not hide the check's outcome
+            log.warning("closing the probe environment %r: %r", env_id, exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class RolloutWorker:
     """Collects transitions from one environment and pushes them in chunks.
 
@@ -104,9 +234,11 @@ class RolloutWorker:
         chunk_steps: steps per pushed chunk (``replay.chunk_steps``).
         learner: network shape of the policy (``features_dim``, ``actor_hidden``, ``cnn``).
         push: sends one encoded chunk (bytes) to the replay service; may block
-            (back-pressure).
+            (back-pressure). When it raises, the chunk is kept and sent
+            again (see the module docstring).
         weights_source: see :data:`WeightsSource`; ``None`` keeps exploring randomly.
-        worker_index: distinguishes workers' seeds and episode ids.
+        worker_index: distinguishes workers' seeds and episode ids,
+            ``0 ≤ worker_index ≤`` :data:`MAX_WORKER_INDEX`.
         task: the driving task's scaling, for the lane follower's reading of
             the privileged vector (defaults if ``None``).
         env_kwargs: the ``gymnasium.make`` kwargs (:func:`env_kwargs_for` builds
@@ -114,10 +246,20 @@ class RolloutWorker:
             the worker's CARLA ports.
         env_factory: builds the environment; defaults to
             ``gymnasium.make(rollout.env_id, **env_kwargs)``.
+        incarnation: which life of this worker this is, ``0 ≤ incarnation <
+            2**16``; part of every episode id (:func:`episode_id`), so a
+            restarted worker never reuses its earlier lives' ids. It also
+            offsets the episode seeds.
+        warmup: ``False`` skips the warm-up (a restarted worker, whose replay
+            already holds warm-up data): the policy acts from the first
+            weights on (before any weights arrive there is nothing else to
+            act with than the warm-up policy).
 
     Raises:
         gymnasium.error.Error: an unknown environment id.
-        ValueError: an environment whose spaces differ from the contract.
+        EnvironmentSpecError: an environment whose spaces differ from the
+            contract (a ``ValueError``).
+        ValueError: ``worker_index`` or ``incarnation`` out of range.
     """
 
     def __init__(
@@ -131,22 +273,30 @@ class RolloutWorker:
         task: DrivingTaskConfig | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         env_factory: Callable[[], gym.Env] | None = None,
+        incarnation: int = 0,
+        warmup: bool = True,
     ) -> None:
+        episode_id(worker_index, incarnation, 0)  # validates both ranges
         self.config = rollout
         self.chunk_steps = chunk_steps
         self.push = push
         self.weights_source = weights_source
         self.worker_index = worker_index
+        self.incarnation = incarnation
+        self.warmup_steps = rollout.warmup_steps if warmup else 0
         self.task = task or DrivingTaskConfig()
         if env_kwargs is None:
             env_kwargs = worker_env_kwargs(rollout.env_kwargs, worker_index)
         self.env_kwargs = dict(env_kwargs)
         self._env_factory = env_factory or (lambda: gym.make(rollout.env_id, **self.env_kwargs))
         self.seed = rollout.seed + 1000 * worker_index
-        self.rng = np.random.default_rng(self.seed)
+        # A restarted worker must not replay its earlier life's episodes.
+        self._episode_seed_base = self.seed + (incarnation << EPISODE_COUNT_BITS)
+        self.rng = np.random.default_rng([self.seed, incarnation] if incarnation else self.seed)
         self.policy = policy_for(learner)
         self.policy.eval()
         self.policy_version = -1
+        self.policy_generation = 0
         self.env = self._make_env()
         self._obs: dict[str, np.ndarray] | None = None
         self._privileged: np.ndarray | None = None
@@ -154,19 +304,37 @@ class RolloutWorker:
         self._episode_id = 0
         self._episode_step = 0
         self._pending: list[Transition] = []
+        self._unsent: tuple[bytes, int] | None = None
+        self.last_push_error: str | None = None
         self.total_steps = 0
         self.episodes: list[dict[str, Any]] = []
-        self.counters = {"env_restarts": 0, "chunks_pushed": 0, "weight_updates": 0}
+        self.counters = {
+            "env_restarts": 0,
+            "chunks_pushed": 0,
+            "weight_updates": 0,
+            "push_failures": 0,
+            "chunks_dropped": 0,
+            "transitions_dropped": 0,
+        }
 
     # ------------------------------------------------------------ acting
     def run(self, num_steps: int) -> dict[str, Any]:
-        """Take ``num_steps`` environment steps (episodes carry over between calls).
+        """Take up to ``num_steps`` environment steps (episodes carry over between calls).
 
-        Steps lost to an environment failure do not count.
+        Steps lost to an environment failure do not count. A failed push ends
+        the call early (the chunk is kept and sent first by the next call);
+        an unsent chunk from an earlier call is sent before any step.
 
         Returns:
-            ``{"steps", "steps_per_s", "episodes": [episode metrics of episodes
-            that ended], "policy_version", **counters}``.
+            ``{"steps" (taken by this call, ``num_steps`` unless a push
+            failed), "steps_per_s", "episodes": [episode metrics of episodes
+            that ended], "policy_version", "policy_generation", "total_steps",
+            "incarnation", "unsent_chunks" (0 or 1), "push_error" (``None``,
+            or the one-line reason this call stopped early), **counters}``
+            where the counters are ``env_restarts``, ``chunks_pushed``,
+            ``weight_updates``, ``push_failures`` (failed push attempts),
+            ``chunks_dropped`` and ``transitions_dropped`` (dropped by
+            :meth:`close`), all over the worker's life.
 
         Raises:
             EnvironmentFailure: the environment failed more than
@@ -174,8 +342,10 @@ class RolloutWorker:
         """
         start = time.perf_counter()
         finished_before = len(self.episodes)
+        self.last_push_error = None
         taken = failures = 0
-        while taken < num_steps:
+        self._send_unsent()
+        while taken < num_steps and self._unsent is None:
             if self.total_steps % self.config.weights_poll_steps == 0:
                 self.poll_weights()
             if self._step_once():
@@ -190,17 +360,21 @@ class RolloutWorker:
                 )
         elapsed = time.perf_counter() - start
         return {
-            "steps": num_steps,
-            "steps_per_s": num_steps / elapsed if elapsed > 0 else 0.0,
+            "steps": taken,
+            "steps_per_s": taken / elapsed if elapsed > 0 else 0.0,
             "episodes": self.episodes[finished_before:],
             "policy_version": self.policy_version,
+            "policy_generation": self.policy_generation,
             "total_steps": self.total_steps,
+            "incarnation": self.incarnation,
+            "unsent_chunks": int(self._unsent is not None),
+            "push_error": self.last_push_error,
             **self.counters,
         }
 
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The exploring action for ``obs``: ``float32[2]`` in ``[−1, 1]``."""
-        if self.total_steps < self.config.warmup_steps or self.policy_version < 0:
+        if self.total_steps < self.warmup_steps or self.policy_version < 0:
             return self.warmup_action(obs)
         action = self.policy_action(obs)
         noise = self.rng.normal(0.0, self.config.exploration_noise, spec.ACTION_DIM)
@@ -233,43 +407,94 @@ class RolloutWorker:
         """Load newer weights if the source has any; returns whether it did."""
         if self.weights_source is None:
             return False
-        newer = self.weights_source(self.policy_version)
+        newer = self.weights_source(self.policy_generation, self.policy_version)
         if newer is None:
             return False
-        version, weights = newer
+        generation, version, weights = newer
         load_policy_weights(self.policy, weights)
-        self.policy_version = version
+        self.policy_generation, self.policy_version = generation, version
         self.counters["weight_updates"] += 1
         return True
 
     def flush(self) -> None:
-        """Push the partial chunk, if any."""
-        if self._pending:
-            self.push(encode(Chunk.from_transitions(self._pending)))
-            self.counters["chunks_pushed"] += 1
-            self._pending = []
+        """Push the unsent chunk, if any, then the partial chunk, if any.
+
+        Raises:
+            PushError: a push failed; the chunk is kept (see the module
+                docstring) and the next :meth:`run` or :meth:`flush` sends it.
+        """
+        if self._send_unsent():
+            self._encode_pending()
+            self._send_unsent()
+        if self._unsent is not None:
+            raise PushError(
+                f"worker {self.worker_index}: a chunk of {self._unsent[1]} steps could not be "
+                f"pushed: {self.last_push_error}"
+            )
 
     def close(self) -> None:
-        """Push what is pending and close the environment."""
-        self.flush()
-        self.env.close()
+        """Push what is pending and close the environment.
+
+        A chunk that still cannot be pushed is dropped: counted in
+        ``chunks_dropped``/``transitions_dropped`` and logged.
+        """
+        try:
+            self.flush()
+        except PushError as exc:
+            assert self._unsent is not None
+            self.counters["chunks_dropped"] += 1
+            self.counters["transitions_dropped"] += self._unsent[1]
+            self._unsent = None
+            log.error("%s; dropped at close", exc)
+        finally:
+            self.env.close()
 
     # ------------------------------------------------------------ internals
     def _make_env(self) -> gym.Env:
         env = self._env_factory()
-        if env.observation_space != spec.observation_space():
-            raise ValueError(
-                f"environment observation space {env.observation_space} is not the contract's"
-            )
-        if env.action_space != spec.action_space():
-            raise ValueError(f"environment action space {env.action_space} is not the contract's")
+        try:
+            check_spaces(env, self.config.env_id)
+        except EnvironmentSpecError:
+            env.close()
+            raise
         return env
+
+    def _encode_pending(self) -> None:
+        """Move the pending steps into the unsent chunk (none must be unsent)."""
+        assert self._unsent is None, "a second unsent chunk"
+        if self._pending:
+            payload = encode(Chunk.from_transitions(self._pending))
+            self._unsent = (payload, len(self._pending))
+            self._pending = []
+
+    def _send_unsent(self) -> bool:
+        """Push the unsent chunk, if any; ``True`` when nothing is left unsent.
+        A failure is counted, logged and remembered; it never raises."""
+        if self._unsent is None:
+            return True
+        payload, steps = self._unsent
+        try:
+            self.push(payload)
+        except Exception as exc:
+            self.counters["push_failures"] += 1
+            self.last_push_error = f"{type(exc).__name__}: {_one_line(exc)}"
+            log.warning(
+                "worker %d: pushing a chunk of %d steps failed (%s); kept, sent again "
+                "before the next step",
+                self.worker_index,
+                steps,
+                self.last_push_error,
+            )
+            return False
+        self._unsent = None
+        self.counters["chunks_pushed"] += 1
+        return True
 
     def _reset(self) -> None:
         self._episode_count += 1
-        self._episode_id = (self.worker_index << 32) | self._episode_count
+        self._episode_id = episode_id(self.worker_index, self.incarnation, self._episode_count)
         self._episode_step = 0
-        self._obs, info = self.env.reset(seed=self.seed + self._episode_count)
+        self._obs, info = self.env.reset(seed=self._episode_seed_base + self._episode_count)
         self._privileged = info.get("privileged_vector")
 
     def _step_once(self) -> bool:
@@ -300,23 +525,28 @@ class RolloutWorker:
         self._episode_step += 1
         self._obs = next_obs
         self._privileged = info.get("privileged_vector")
-        if terminated or truncated or len(self._pending) >= self.chunk_steps:
-            self.flush()
-        if terminated or truncated:
+        ended = terminated or truncated
+        if ended:
             metrics = dict(info.get("episode_metrics", {}))
             metrics.setdefault("length", self._episode_step)
             metrics["worker"] = self.worker_index
             metrics["policy_version"] = self.policy_version
             self.episodes.append(metrics)
             self._obs = None
+        # Bookkeeping is done; the push may fail without changing it.
+        if ended or len(self._pending) >= self.chunk_steps:
+            self._encode_pending()
+            self._send_unsent()
         return True
 
     def _recover(self, exc: Exception) -> None:
         log.warning("worker %d: environment failed (%r); restarting it", self.worker_index, exc)
         self.counters["env_restarts"] += 1
+        self._obs = None
         if self._pending:
             self._pending[-1] = dataclasses.replace(self._pending[-1], truncated=True)
-            self.flush()
+            self._encode_pending()
+            self._send_unsent()
         try:
             self.env.close()
         except Exception as close_exc:  # the broken env may not close cleanly
@@ -324,4 +554,3 @@ class RolloutWorker:
                 "worker %d: closing the failed environment: %r", self.worker_index, close_exc
             )
         self.env = self._make_env()
-        self._obs = None

@@ -264,15 +264,33 @@ seeds, device, budget and evaluation settings):
         "worker on the Ray cluster this runs in (ray job submit) or on a local Ray "
         "instance, trains until run.total_env_steps, evaluates the deterministic policy "
         "and writes the run directory: config.yaml, metrics.jsonl, summary.json, "
-        "checkpoints/. Prometheus metrics are served on run.metrics_port.",
+        "checkpoints/. Prometheus metrics are served on run.metrics_port. Before Ray "
+        "starts it checks the run directory, the checkpoint to resume and the metrics "
+        "port; a failed check prints one line and exits 2 without writing anything. "
+        "SIGTERM (ray job stop) or Ctrl-C saves the run and exits 128+signal.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="YAML run configuration (see deploy/)")
     source.add_argument(
-        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run"
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoints (the one way to reuse a "
+        "run directory)",
     )
-    train.add_argument("--run-dir", type=Path, help="run directory (default runs/<timestamp>)")
+    train.add_argument(
+        "--run-dir",
+        type=Path,
+        help="run directory (default runs/<timestamp>); a new or empty one, unless --overwrite",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a --run-dir that holds a previous run: remove that run's files "
+        "(config.yaml, checkpoints/, metrics.jsonl, eval and summary files, report/) first; "
+        "other files are kept, and a directory that is not a td3drive run is never touched",
+    )
     train.add_argument("--total-env-steps", type=_positive_int, help="override run.total_env_steps")
     train.add_argument(
         "--set",
@@ -423,23 +441,39 @@ def _train(args: argparse.Namespace) -> int:
         load_run_config,
         resolve_run_dir,
     )
+    from td3drive.preflight import (
+        PreflightError,
+        check_metrics_port,
+        check_resume_checkpoint,
+        check_run_dir,
+    )
 
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides)
     if args.total_env_steps:
         overrides.append(f"run.total_env_steps={args.total_env_steps}")
+    # Preflight: everything that can be checked before Ray starts, in one line
+    # each, exit 2, nothing written (--overwrite empties the directory last).
     try:
         if args.resume:
             run_dir = args.resume
+            check_run_dir(run_dir, resume=True, overwrite=args.overwrite)
             config = load_run_config(run_dir)
             if overrides:
                 raw = config.model_dump(mode="json")
                 apply_overrides(raw, overrides)
                 config = config_from_dict(raw, source=f"{run_dir}/config.yaml + --set")
+            check_resume_checkpoint(run_dir, config)
+            check_metrics_port(config.run.metrics_port)
         else:
             config = load_config(args.config, overrides)
             run_dir = resolve_run_dir(args.run_dir)
-    except ConfigError as exc:
+            check_metrics_port(config.run.metrics_port)
+            check_run_dir(run_dir, resume=False, overwrite=args.overwrite)
+    except PreflightError as exc:
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # a config lists one invalid field a line: keep them
         print(f"td3drive: error: {exc}", file=sys.stderr)
         return 2
     display = LiveDisplay(config.run.total_env_steps) if sys.stderr.isatty() else None
@@ -458,9 +492,12 @@ def _train(args: argparse.Namespace) -> int:
                 summary = run.run()
         else:
             summary = run.run()
-    except TrainingError as exc:
-        print(f"td3drive: training stopped: {exc}", file=sys.stderr)
-        return 1
+    except TrainingError as exc:  # driver.RunStopped (SIGTERM/SIGINT) carries 128 + signal
+        print(f"td3drive: training stopped: {_one_line(exc)}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 1))
+    except ConfigError as exc:  # prometheus.MetricsPortError: the port was taken meanwhile
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         import ray
 
@@ -562,7 +599,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import gymnasium as gym
 
     from learner.networks import load_policy_weights, policy_for
-    from learner.td3 import CheckpointError, TD3Learner
+    from learner.td3 import CheckpointError, load_policy_checkpoint
     from rollout_workers.evaluation import evaluate_policy, summarize
     from rollout_workers.worker import env_kwargs_for
     from td3drive.config import ConfigError
@@ -570,10 +607,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     checkpoint: Path = args.checkpoint or args.run_dir / LEARNER_CHECKPOINT
     try:
-        learner = TD3Learner.from_checkpoint(checkpoint, device="cpu")
+        # Only the actor's weights, mapped to the CPU: a GPU run's checkpoint
+        # evaluates on a laptop.
+        saved = load_policy_checkpoint(checkpoint)
         config, source = evaluation_settings(
             checkpoint,
-            learner.config,
+            saved.config,
             run_dir=args.run_dir,
             config_path=args.config,
             overrides=args.overrides,
@@ -593,8 +632,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     env_kwargs = env_kwargs_for(config, rollout.num_workers)
     seed = config.run.eval_seed if args.seed is None else args.seed
     # The policy's shape is the checkpoint's own: its weights must load.
-    policy = policy_for(learner.config)
-    load_policy_weights(policy, learner.policy_weights()[1])
+    policy = policy_for(saved.config)
+    load_policy_weights(policy, saved.weights)
     try:
         episodes = evaluate_policy(policy, rollout.env_id, env_kwargs, args.episodes, seed)
     except (gym.error.Error, TypeError, ValueError) as exc:
@@ -605,7 +644,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     result = {
         "checkpoint": str(checkpoint),
-        "policy_version": learner.updates,
+        "policy_version": saved.version,
         "config_source": source,
         "env_id": rollout.env_id,
         "env_kwargs": _jsonable(env_kwargs),
@@ -749,16 +788,37 @@ def _bench_learner(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``td3drive`` console script; returns the exit code."""
+    """Entry point of the ``td3drive`` console script; returns the exit code.
+
+    Expected failures end with one line on stderr instead of a traceback:
+    ``td3drive: error: ...`` and exit 2 for bad input (configuration,
+    preflight, a checkpoint that does not load, RuntimeError such as ``--device
+    cuda`` without a GPU), exit 1 for an OS error (a file that cannot be read
+    or written, a full disk), 130 for Ctrl-C. Programming errors keep their
+    traceback.
+    """
+    from td3drive.config import ConfigError
+    from td3drive.preflight import PreflightError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:  # e.g. --device cuda without a GPU
-        print(f"td3drive: error: {exc}", file=sys.stderr)
+    except (ConfigError, PreflightError, RuntimeError) as exc:
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be read or written, a full disk
+        print(f"td3drive: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    """``path: reason`` for an OSError (``reason`` alone without a path)."""
+    reason = exc.strerror or _one_line(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

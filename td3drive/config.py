@@ -394,11 +394,40 @@ class RunConfig(_Section):
     report_interval_s: float = Field(
         10.0, gt=0, description="Seconds between metrics.jsonl lines and log lines."
     )
+    # Not 8080: KubeRay gives Ray's own metrics export port 8080 on every pod
+    # (deploy/README.md, "Metrics"), and Ray holds 6379, 8000, 8265, 10001,
+    # 52365 and, under `ray start`, worker ports 10002-19999.
     metrics_port: int | None = Field(
-        8080, ge=0, le=65535, description="Prometheus endpoint port (0 = any free, null = off)."
+        9810,
+        ge=0,
+        le=65535,
+        description="Prometheus endpoint port on the driver (0 = any free, null = off). "
+        "Bound before Ray starts; a taken port stops the run at once. Default 9810: in the "
+        "range Prometheus reserves for exporters (9100-9999) and clear of every port Ray "
+        "uses (6379 GCS, 8000 Serve, 8265 dashboard, 10001 client, 52365 dashboard agent, "
+        "10002-19999 workers under `ray start`) and of 8080, which KubeRay gives Ray's own "
+        "metrics export on every pod.",
+    )
+    metrics_linger_s: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds the endpoint keeps serving after the run ends (completed, "
+        "stopped or failed), so that Prometheus scrapes the final td3drive_run_status and "
+        "a NaN gauge: 30 s = two scrapes at deploy/prometheus/prometheus.yml's "
+        "scrape_interval (10 s) plus its scrape_timeout (5 s) and slack. 0 = close at once.",
     )
     recent_episodes: int = Field(
         20, ge=1, description="Episodes averaged for the 'recent' return/success figures."
+    )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds the driver waits for every actor's constructor before it stops "
+        "the run naming the ones still pending (reservations the cluster cannot place, an "
+        "autoscaler that does not scale, a CARLA server that does not answer). 10 min covers "
+        "an autoscaler adding a node and pulling the image.",
     )
 
 

@@ -18,10 +18,21 @@ and snapshots the shards. At the env-step budget it stops the learner,
 flushes the workers, writes a final checkpoint, evaluates the deterministic
 policy and writes ``summary.json``.
 
-Failures: a worker or shard that dies is restarted by Ray and its call is
-retried; a learner that dies is rebuilt from its last checkpoint; a NaN/inf
-loss stops the run with the learner's diagnosis, keeping the last good
-checkpoint (nothing is saved after the bad update).
+Failures (``docs/reliability.md``): a worker or shard that dies is restarted
+by Ray and its call is retried; every restart is counted once and logged with
+its cause, and the transitions lost are reported. A learner that dies is
+rebuilt from its last checkpoint as a new *generation* whose weights replace
+the dead one's on the weights board. A NaN/inf loss stops the run with the
+learner's diagnosis, keeping the last good checkpoint (nothing is saved after
+the bad update). A replay timeout gets a fresh sampler, and stops the run with
+a diagnosis when it repeats. An actor whose constructor raises (an environment
+that cannot be built, a checkpoint that does not fit) stops the run with that
+error; so does a cluster too small for the run's reservations.
+
+Stops: SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) stop collection, save
+learner, replay and counters, write ``summary.json`` with ``status: stopped``
+and raise :class:`RunStopped`; ``--resume`` continues with monotone counters.
+A second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -29,8 +40,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,8 +58,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from td3drive import metric_names as M
+from td3drive.atomic_file import atomic_write
 from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
-from td3drive.prometheus import RunMetrics, serve
+from td3drive.prometheus import MetricsEndpoint, RunMetrics
 
 log = logging.getLogger("td3drive.train")
 
@@ -69,27 +84,72 @@ class TrainingError(RuntimeError):
     """The run stopped; the message says why and what was kept."""
 
 
+class RunStopped(TrainingError):
+    """SIGTERM/SIGINT stopped the run after saving it.
+
+    Attributes:
+        signum: the signal received.
+        exit_code: ``128 + signum``, the shell's convention for a process ended
+            by a signal (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+MAX_CONSECUTIVE_CALL_FAILURES = 10
+"""A rollout worker whose calls fail this many times in a row (raising, not
+dying) stops the run with its last error instead of being retried forever."""
+
+MAX_REPLAY_TIMEOUTS = 3
+"""Replay timeouts in a row after which the run stops with a diagnosis; each
+earlier one gets the learner a fresh sampler."""
+
+STOP_GRACE_S = 30.0
+"""After SIGTERM/SIGINT, how long the driver waits for the calls in flight
+(a worker's chunk, the learner's current update) before saving anyway, s.
+Ray Jobs SIGKILLs a stopped job after ``RAY_JOB_STOP_WAIT_TIME_S`` (3 s by
+default): give the job ``RAY_JOB_STOP_WAIT_TIME_S=60`` in its runtime_env."""
+
+
 @dataclass
 class Progress:
-    """Counters that survive a resume (``checkpoints/driver.json``)."""
+    """Counters that survive a resume (``checkpoints/driver.json``).
+
+    Attributes:
+        env_steps, episodes: collected by every worker incarnation.
+        learner_updates: updates applied by every learner generation (monotone;
+            a rebuilt learner's own count, its policy version, restarts from
+            its checkpoint).
+        learner_updates_lost: updates a dead learner applied after its last
+            checkpoint.
+        launches: starts of the run (1 + resumes); spaces episode ids apart.
+        worker_restarts, shard_restarts, learner_restarts: one per restart.
+        transitions_pushed: transitions the workers sent to the replay shards.
+        transitions_rejected: transitions in chunks a shard refused as invalid.
+        transitions_dropped: transitions a worker could not send at all (a
+            chunk still unsent when it closed).
+        wall_s: wall-clock seconds of the run, over resumes.
+    """
 
     env_steps: int = 0
     episodes: int = 0
     learner_updates: int = 0
+    learner_updates_lost: int = 0
+    launches: int = 0
     worker_restarts: int = 0
+    shard_restarts: int = 0
     learner_restarts: int = 0
+    transitions_pushed: int = 0
+    transitions_rejected: int = 0
+    transitions_dropped: int = 0
     wall_s: float = 0.0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
 
     def state(self) -> dict[str, Any]:
-        return {
-            "env_steps": self.env_steps,
-            "episodes": self.episodes,
-            "learner_updates": self.learner_updates,
-            "worker_restarts": self.worker_restarts,
-            "learner_restarts": self.learner_restarts,
-            "wall_s": self.wall_s,
-        }
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "recent"}
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -116,7 +176,9 @@ class TrainingRun:
 
     Args:
         config: the resolved configuration (written to ``config.yaml``).
-        run_dir: the run directory; created if missing.
+        run_dir: the run directory; created if missing. A fresh run refuses a
+            directory that already holds a run (``config.yaml`` or
+            checkpoints): ``resume`` continues one.
         resume: continue from ``checkpoints/`` (counters, learner, replay).
         log_line: where progress lines go (a TTY display or a logger).
         on_report: called with each metrics line instead of logging it (a
@@ -137,20 +199,43 @@ class TrainingRun:
         self.log_line = log_line or log.info
         self.on_report = on_report
         self.progress = Progress(recent=deque(maxlen=config.run.recent_episodes))
-        self.metrics = RunMetrics()
+        self.metrics = RunMetrics(run_id=run_dir.name)
         self.learner_stats: dict[str, Any] = {}
         self.worker_rates: dict[int, float] = {}
         self.shard_stats: list[dict[str, Any]] = []
-        self._server: Any = None
+        self._endpoint: MetricsEndpoint | None = None
         self._start = time.monotonic()
         self._last_checkpoint_updates = 0
         self._env_restarts_by_worker: dict[int, int] = {}
         self._next_eval = config.run.eval_every_env_steps or None
+        # Fault bookkeeping: each worker's incarnation (a restarted actor
+        # reports a new one), workers seen dead and not back yet, consecutive
+        # failed calls, transitions each incarnation has reported pushing.
+        self._worker_incarnation: dict[int, Any] = {}
+        self._worker_restarts_seen: dict[int, int] = {}
+        self._dropped_seen: dict[tuple[int, Any], int] = {}
+        self._rejected_seen: dict[tuple[int, Any], int] = {}
+        self._workers_down: set[int] = set()
+        self._worker_failures: dict[int, int] = {}
+        self._pushed_seen: dict[tuple[int, Any], int] = {}
+        self._shard_restarts_seen: dict[int, int] = {}
+        self._learner_version = 0  # the live learner's own update count
+        self._replay_timeouts = 0
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------ setup
     def _prepare_dir(self) -> None:
+        checkpoints = self.run_dir / "checkpoints"
+        if not self.resume and (
+            (self.run_dir / CONFIG_FILE).exists()
+            or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        ):
+            raise TrainingError(
+                f"{self.run_dir} already holds a run; continue it with "
+                f"`td3drive train --resume {self.run_dir}` or start over with --overwrite"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        checkpoints.mkdir(exist_ok=True)
         config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
         (self.run_dir / CONFIG_FILE).write_text(config_text)
         state_path = self.run_dir / STATE_FILE
@@ -160,29 +245,60 @@ class TrainingRun:
                 if key in Progress.__dataclass_fields__ and key != "recent":
                     setattr(self.progress, key, value)
             self._last_checkpoint_updates = self.progress.learner_updates
+        self.progress.launches += 1
+
+    def reserved_cpus(self) -> float:
+        """CPUs this run's actors reserve: workers, shards, the learner (the
+        evaluator and the weights board reserve none)."""
+        cfg, run = self.config, self.config.run
+        return (
+            cfg.rollout.num_workers * run.worker_num_cpus
+            + cfg.replay.num_shards * run.shard_num_cpus
+            + run.learner_num_cpus
+        )
 
     def _start_ray(self) -> None:
-        if ray.is_initialized():
-            return
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-            self.log_line(f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}")
-        else:
-            run = self.config.run
-            needed = (
-                self.config.rollout.num_workers * run.worker_num_cpus
-                + self.config.replay.num_shards * run.shard_num_cpus
-                + run.learner_num_cpus
-                + 1
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+                self.log_line(f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}")
+            else:
+                needed = self.reserved_cpus() + 1
+                cpus = max(os.cpu_count() or 1, int(np.ceil(needed)))
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                self.log_line(f"started a local Ray instance ({cpus} logical CPUs)")
+        self._check_cluster_fits()
+
+    def _check_cluster_fits(self) -> None:
+        """A run whose reservations exceed the cluster would wait forever at
+        ``env steps 0``: say what is short instead.
+
+        Raises:
+            TrainingError: the cluster has fewer CPUs or GPUs than the run reserves.
+        """
+        run = self.config.run
+        resources = ray.cluster_resources()
+        short = []
+        cpus = float(resources.get("CPU", 0.0))
+        if self.reserved_cpus() > cpus + 1e-9:
+            cfg = self.config
+            short.append(
+                f"{self.reserved_cpus():g} CPUs ({cfg.rollout.num_workers} workers × "
+                f"run.worker_num_cpus {run.worker_num_cpus:g} + {cfg.replay.num_shards} shards × "
+                f"run.shard_num_cpus {run.shard_num_cpus:g} + run.learner_num_cpus "
+                f"{run.learner_num_cpus:g}) but the Ray cluster has {cpus:g}"
             )
-            cpus = max(os.cpu_count() or 1, int(np.ceil(needed)))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-            self.log_line(f"started a local Ray instance ({cpus} logical CPUs)")
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        if self.config.run.learner_num_gpus > gpus:
+        gpus = float(resources.get("GPU", 0.0))
+        if run.learner_num_gpus > gpus:
+            short.append(
+                f"run.learner_num_gpus={run.learner_num_gpus:g} but the Ray cluster has "
+                f"{gpus:g} GPU(s)"
+            )
+        if short:
             raise TrainingError(
-                f"run.learner_num_gpus={self.config.run.learner_num_gpus} but the Ray cluster "
-                f"has {gpus:g} GPU(s)"
+                "the run does not fit the cluster: "
+                + "; ".join(short)
+                + ". Lower the counts or reservations in the config (--set), or add nodes."
             )
 
     def _start_services(self) -> None:
@@ -193,12 +309,27 @@ class TrainingRun:
             remote_weights_board_class,
             remote_worker_class,
         )
+        from rollout_workers.worker import EnvironmentSpecError, check_environment
 
         cfg, run = self.config, self.config.run
+        # An environment that cannot be built would make every worker's
+        # constructor raise; find out once, here, with the real error.
+        try:
+            check_environment(cfg)
+        except EnvironmentSpecError as exc:
+            raise TrainingError(str(exc)) from exc
+        # Restartable actors get their constructor arguments by value: the
+        # config as a dict, the shards and the board by name (an actor handle
+        # is a reference, and Ray warns that a restart can fail on one,
+        # ray-project/ray#53727). The names are unique to this driver.
+        config_dict = cfg.model_dump(mode="json")
+        tag = f"td3drive-{uuid.uuid4().hex[:8]}"
+        shard_names = [f"{tag}-shard-{i}" for i in range(cfg.replay.num_shards)]
+        board_name = f"{tag}-weights-board"
         shard_class = remote_shard_class(num_cpus=run.shard_num_cpus)
         self.shards = [
-            shard_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
-                cfg.replay,
+            shard_class.options(name=shard_names[index], **_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
+                cfg.replay,  # a small pydantic object, pickled by value
                 cfg.learner.batch_size,
                 index,
                 str(self.run_dir / REPLAY_SNAPSHOTS / f"shard-{index}"),
@@ -206,7 +337,11 @@ class TrainingRun:
             )
             for index in range(cfg.replay.num_shards)
         ]
-        self.board = remote_weights_board_class().options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote()
+        self.board = (
+            remote_weights_board_class()
+            .options(name=board_name, **_OUTSIDE_ANY_PLACEMENT_GROUP)
+            .remote()
+        )
         self._learner_class = remote_learner_actor_class(
             num_gpus=run.learner_num_gpus, num_cpus=run.learner_num_cpus
         )
@@ -214,16 +349,30 @@ class TrainingRun:
         worker_class = remote_worker_class(num_cpus=run.worker_num_cpus)
         self.workers = [
             worker_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
-                cfg, self.shards, self.board, index
+                config_dict,
+                shard_names,
+                board_name,
+                index,
+                # Episode ids stay unique over resumes: each launch starts
+                # past every incarnation of the previous ones.
+                incarnation_base=(self.progress.worker_restarts + self.progress.launches) % 2**16,
+                skip_warmup=self.resume,  # the restored replay holds the warm-up data
             )
             for index in range(cfg.rollout.num_workers)
         ]
         self.evaluator = (
             remote_evaluator_class(num_cpus=0)
             .options(**_OUTSIDE_ANY_PLACEMENT_GROUP)
-            .remote(cfg, self.board)
+            .remote(config_dict, board_name)
         )
+        self._wait_until_started()
         device = ray.get(self.learner.device.remote())
+        changes = ray.get(self.learner.resume_changes.remote())
+        if changes:
+            self.log_line(
+                "resumed with changed learner settings: "
+                + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+            )
         restored = [s for s in ray.get([s.stats.remote() for s in self.shards]) if s["size"]]
         self.log_line(
             f"{len(self.workers)} rollout workers, {len(self.shards)} replay shards"
@@ -231,48 +380,142 @@ class TrainingRun:
             f"learner on {device}"
         )
 
+    def _wait_until_started(self) -> None:
+        """Wait for every actor's constructor.
+
+        Raises:
+            TrainingError: a constructor raised (its message, once, instead of
+                Ray restarting the actor forever), or actors did not start
+                within ``run.start_timeout_s`` (named, with the likely cause).
+        """
+        actors = {
+            **{f"replay shard {i}": a for i, a in enumerate(self.shards)},
+            "learner": self.learner,
+            **{f"rollout worker {i}": a for i, a in enumerate(self.workers)},
+            "evaluator": self.evaluator,
+        }
+        refs = {actor.__ray_ready__.remote(): name for name, actor in actors.items()}
+        timeout = self.config.run.start_timeout_s
+        ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                raise TrainingError(f"{refs[ref]} could not start: {_actor_error(exc)}") from None
+        if waiting:
+            names = ", ".join(refs[ref] for ref in waiting)
+            raise TrainingError(
+                f"{names} did not start within run.start_timeout_s={timeout:g} s; the cluster "
+                f"may lack the resources they reserve (`ray status` shows what is pending)"
+            )
+
     def _new_learner(self) -> Any:
+        """Start a learner actor: fresh, from the run's checkpoint on
+        ``--resume``, or, after a learner died, from its last checkpoint as
+        generation ``learner_restarts`` (the checkpoint must then exist)."""
         checkpoint = self.run_dir / LEARNER_CHECKPOINT
+        rebuild = self.progress.learner_restarts > 0
         return self._learner_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
-            self.config,
+            self.config.model_dump(mode="json"),
             self.shards,
             self.board,
-            str(checkpoint) if (self.resume or self.progress.learner_restarts) else None,
+            str(checkpoint) if (self.resume or rebuild) else None,
+            require_checkpoint=self.resume or rebuild,
+            generation=self.progress.learner_restarts,
         )
+
+    # ------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT ask the loop to stop and save; a second one ends the
+        process at once. Only the main thread can install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: not saving")
+            self._stop_signal = signum
+            self.log_line(
+                f"{signal.Signals(signum).name} received: stopping collection and saving the "
+                f"run (a second signal ends it without saving)"
+            )
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop as on ``signum``: save and end with :class:`RunStopped`
+        (what the signal handler does; for a run in a thread)."""
+        self._stop_signal = signum
 
     # ------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         """Run to the env-step budget; returns the summary.
 
+        The metrics endpoint is bound first (a taken port fails before Ray
+        starts) and stays up ``run.metrics_linger_s`` after the end with the
+        final ``td3drive_run_status``, so Prometheus scrapes how the run ended.
+
         Raises:
             TrainingError: a NaN/inf loss or another unrecoverable failure;
                 the last good checkpoint is kept.
+            RunStopped: SIGTERM/SIGINT (or :meth:`request_stop`); the run was
+                saved and ``--resume`` continues it.
+            prometheus.MetricsPortError: ``run.metrics_port`` is taken.
         """
-        self._prepare_dir()
-        self._start_ray()
-        self._start_services()
-        if not (self.run_dir / LEARNER_CHECKPOINT).exists():
-            self._checkpoint()  # a good checkpoint exists from the start
         port = self.config.run.metrics_port
         if port is not None:
-            self._server = serve(self.metrics, port)
-            self.log_line(f"Prometheus metrics on :{self._server.server_port}/metrics")
+            self._endpoint = MetricsEndpoint.bind(self.metrics, port)
+            self.log_line(f"Prometheus metrics on :{self._endpoint.port}/metrics")
+        self.metrics.set_status("running")
+        status = "failed"
+        previous_handlers: dict[int, Any] = {}
         try:
+            self._prepare_dir()
+            self._start_ray()
+            # After ray.init, which installs its own SIGTERM handler (sys.exit).
+            previous_handlers = self._install_signal_handlers()
+            self._start_services()
+            if not (self.run_dir / LEARNER_CHECKPOINT).exists():
+                self._checkpoint()  # a good checkpoint exists from the start
             self._loop()
-            return self._finish()
+            summary = self._finish()
+            status = summary["status"]
+            if status == "stopped" and self._stop_signal is not None:
+                name = signal.Signals(self._stop_signal).name
+                raise RunStopped(
+                    f"{name}: saved at {self.progress.env_steps} env steps and "
+                    f"{self.progress.learner_updates} updates; continue with "
+                    f"`td3drive train --resume {self.run_dir}`",
+                    self._stop_signal,
+                )
+            return summary
         finally:
-            if self._server is not None:
-                self._server.shutdown()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            self.metrics.set_status(status)
+            if self._endpoint is not None:
+                linger = self.config.run.metrics_linger_s
+                if linger:
+                    self.log_line(
+                        f"metrics endpoint stays up {linger:g} s for the last scrape "
+                        f"(run.metrics_linger_s)"
+                    )
+                self._endpoint.close(linger_s=linger)
 
     @property
     def metrics_port(self) -> int | None:
-        return None if self._server is None else int(self._server.server_port)
+        return None if self._endpoint is None else int(self._endpoint.port)
 
     def _loop(self) -> None:
         """Phases: collect (workers and learner busy) until the budget; then
         drain (no new worker calls, the learner keeps sampling so blocked
         inserts land); then flush the workers' partial chunks; then stop the
-        learner."""
+        learner. A stop signal skips to ``stopping``: no new calls, the
+        learner stops after its current update, and the calls in flight get
+        up to :data:`STOP_GRACE_S` before the run is saved."""
         cfg = self.config.run
         budget = cfg.total_env_steps
         pending: dict[Any, tuple[str, int]] = {}
@@ -292,9 +535,22 @@ class TrainingRun:
             submit("worker", index)
         submit("learner")
         phase = "collect"
+        stop_deadline = float("inf")
         next_report = time.monotonic() + cfg.report_interval_s
         while pending:
-            timeout = max(0.0, next_report - time.monotonic())
+            if self._stop_signal is not None and phase != "stopping":
+                phase = "stopping"
+                stop_deadline = time.monotonic() + STOP_GRACE_S
+                for shard in self.shards:  # blocked inserts return, the workers' calls end
+                    shard.release_rate_limit.remote()
+                self.learner.stop.remote()
+            if phase == "stopping" and time.monotonic() >= stop_deadline:
+                self.log_line(
+                    f"{len(pending)} calls still running after {STOP_GRACE_S:g} s; saving anyway"
+                )
+                break
+            # Short waits so a stop signal is acted on within a second.
+            timeout = min(1.0, max(0.0, next_report - time.monotonic()))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             for ref in ready:
                 kind, index = pending.pop(ref)
@@ -305,10 +561,10 @@ class TrainingRun:
                 elif kind == "flush":
                     self._collect_flush(ref, index)
                 elif kind == "eval":
-                    self._record_eval(ray.get(ref), at_steps=index)
+                    self._collect_eval(ref, at_steps=index)
                 else:
                     self._collect_learner(ref)
-                    if phase != "stop":
+                    if phase not in ("stop", "stopping"):
                         submit("learner")
             if (
                 phase == "collect"
@@ -339,22 +595,75 @@ class TrainingRun:
 
     def _collect_flush(self, ref: Any, index: int) -> None:
         try:
-            ray.get(ref)
+            self._count_pushes(index, ray.get(ref))
         except (RayActorError, RayTaskError) as exc:
             self.log_line(f"rollout worker {index} could not flush its last chunk: {exc!r}")
+
+    def _count_pushes(self, index: int, stats: dict[str, Any]) -> None:
+        """Add what worker ``index`` pushed, had refused and dropped since its
+        last report (its counts are cumulative over its incarnation)."""
+        incarnation = stats.get("incarnation", 0)
+        self._worker_incarnation[index] = incarnation
+        key = (index, incarnation)
+        for name, total, seen in (
+            ("transitions_pushed", "pushed_transitions", self._pushed_seen),
+            ("transitions_rejected", "rejected_transitions", self._rejected_seen),
+            ("transitions_dropped", "transitions_dropped", self._dropped_seen),
+        ):
+            value = int(stats.get(total, 0))
+            setattr(self.progress, name, getattr(self.progress, name) + value - seen.get(key, 0))
+            seen[key] = value
+
+    def _collect_eval(self, ref: Any, at_steps: int) -> None:
+        try:
+            self._record_eval(ray.get(ref), at_steps=at_steps)
+        except (RayActorError, RayTaskError) as exc:  # an evaluation is not worth the run
+            self.log_line(f"evaluation at {at_steps} env steps failed: {_actor_error(exc)}")
 
     def _collect_worker(self, ref: Any, index: int) -> None:
         try:
             stats = ray.get(ref)
         except RayActorError as exc:
-            self.progress.worker_restarts += 1
-            self.log_line(f"rollout worker {index} died ({type(exc).__name__}); Ray restarts it")
+            if exc.actor_init_failed:
+                raise TrainingError(
+                    f"rollout worker {index} could not start: {_actor_error(exc)}"
+                ) from None
+            if index not in self._workers_down:  # logged once per death, not per retry
+                self._workers_down.add(index)
+                self.log_line(f"rollout worker {index} died ({_actor_error(exc)}); Ray restarts it")
             time.sleep(1.0)
             return
         except RayTaskError as exc:
+            failures = self._worker_failures.get(index, 0) + 1
+            self._worker_failures[index] = failures
+            if failures >= MAX_CONSECUTIVE_CALL_FAILURES:
+                raise TrainingError(
+                    f"rollout worker {index} failed {failures} calls in a row; last error: "
+                    f"{exc.cause!r}"
+                ) from exc
             self.log_line(f"rollout worker {index} call failed, retrying: {exc.cause!r}")
             time.sleep(1.0)
             return
+        self._worker_failures[index] = 0
+        self._workers_down.discard(index)
+        # Ray's restart count of this actor: exact even when it restarted
+        # twice between two calls that returned.
+        restarts = int(stats.get("actor_restarts", 0))
+        new_restarts = restarts - self._worker_restarts_seen.get(index, 0)
+        if new_restarts > 0:
+            self.progress.worker_restarts += new_restarts
+            self.log_line(
+                f"rollout worker {index} is back (Ray restart {restarts}, incarnation "
+                f"{stats.get('incarnation')}: fresh episode ids, no second warm-up)"
+            )
+        self._worker_restarts_seen[index] = restarts
+        self._count_pushes(index, stats)
+        if stats.get("push_error"):  # the chunk is kept and re-sent by the next call
+            self.log_line(
+                f"rollout worker {index} could not push a chunk ({stats['push_error']}); "
+                f"it retries it first thing next call"
+            )
+            time.sleep(1.0)
         self.progress.env_steps += int(stats["steps"])
         self.worker_rates[index] = float(stats["steps_per_s"])
         for episode in stats["episodes"]:
@@ -363,6 +672,7 @@ class TrainingRun:
         self._env_restarts_by_worker[index] = int(stats.get("env_restarts", 0))
 
     def _collect_learner(self, ref: Any) -> None:
+        from buffer_service.ray_actor import ReplayTimeoutError
         from learner.td3 import NonFiniteLossError
 
         try:
@@ -370,23 +680,23 @@ class TrainingRun:
         except RayTaskError as exc:
             if isinstance(exc.cause, NonFiniteLossError):
                 self.metrics.set_gauge("td3drive_learner_non_finite_loss", 1.0)
-                self._write_summary(status=f"failed: {exc.cause}")
+                self._write_summary(status="failed", error=str(exc.cause))
                 raise TrainingError(
                     f"stopped: {exc.cause} The last good checkpoint is "
                     f"{self.run_dir / LEARNER_CHECKPOINT} (update "
                     f"{self._last_checkpoint_updates})."
                 ) from exc.cause
+            if isinstance(exc.cause, ReplayTimeoutError):
+                self._on_replay_timeout(exc.cause)
+                return
             raise TrainingError(f"the learner failed: {exc.cause!r}") from exc
         except RayActorError as exc:
-            self.progress.learner_restarts += 1
-            self.log_line(
-                f"the learner died ({type(exc).__name__}); rebuilding it from "
-                f"{self.run_dir / LEARNER_CHECKPOINT}"
-            )
-            self.learner = self._new_learner()
+            self._rebuild_learner(exc)
             return
+        self._replay_timeouts = 0
         self.learner_stats = stats
-        self.progress.learner_updates = int(stats["updates"])
+        self.progress.learner_updates += int(stats["done"])
+        self._learner_version = int(stats["updates"])
         self.metrics.update_learner(stats["metrics"])
         if (
             self.progress.learner_updates - self._last_checkpoint_updates
@@ -394,8 +704,55 @@ class TrainingRun:
         ):
             self._checkpoint()
 
+    def _on_replay_timeout(self, error: Exception) -> None:
+        """A replay timeout: a fresh sampler, and the run stops with a
+        diagnosis after :data:`MAX_REPLAY_TIMEOUTS` in a row."""
+        self._replay_timeouts += 1
+        sizes = [s.get("size") for s in self.shard_stats]
+        diagnosis = (
+            f"{error} (shard sizes {sizes}, env steps {self.progress.env_steps}, "
+            f"workers down {sorted(self._workers_down) or 'none'})"
+        )
+        if self._replay_timeouts >= MAX_REPLAY_TIMEOUTS:
+            self._write_summary(status="failed", error=diagnosis)
+            raise TrainingError(
+                f"the learner got no replay data {self._replay_timeouts} times in a row: "
+                f"{diagnosis}. The last good checkpoint is {self.run_dir / LEARNER_CHECKPOINT}."
+            )
+        self.log_line(f"replay timeout ({diagnosis}); the learner gets a fresh sampler")
+        ray.get(self.learner.reset_sampler.remote())
+
+    def _rebuild_learner(self, exc: RayActorError) -> None:
+        """The learner died: count it, log the cause, start the next
+        generation from the last checkpoint and count the updates lost."""
+        if exc.actor_init_failed:
+            raise TrainingError(f"the learner could not start: {_actor_error(exc)}") from None
+        self.progress.learner_restarts += 1
+        self.log_line(
+            f"the learner died ({_actor_error(exc)}); rebuilding it from "
+            f"{self.run_dir / LEARNER_CHECKPOINT}"
+        )
+        self.learner = self._new_learner()
+        try:
+            restored = int(ray.get(self.learner.updates.remote()))
+        except RayActorError as error:
+            raise TrainingError(
+                f"the learner could not be rebuilt: {_actor_error(error)}"
+            ) from None
+        lost = max(0, self._learner_version - restored)
+        self.progress.learner_updates_lost += lost
+        self._learner_version = restored
+        self.log_line(
+            f"learner generation {self.progress.learner_restarts} resumed at update {restored} "
+            f"({lost} updates since the last checkpoint lost)"
+        )
+
     def _checkpoint(self) -> None:
-        ray.get(self.learner.save_checkpoint.remote(str(self.run_dir / LEARNER_CHECKPOINT)))
+        try:
+            ray.get(self.learner.save_checkpoint.remote(str(self.run_dir / LEARNER_CHECKPOINT)))
+        except RayActorError as exc:  # died between calls: rebuild, save next time
+            self._rebuild_learner(exc)
+            return
         for index, ref in enumerate([shard.save.remote() for shard in self.shards]):
             try:
                 ray.get(ref)
@@ -404,7 +761,7 @@ class TrainingRun:
         self._last_checkpoint_updates = self.progress.learner_updates
         state = self.progress.state()
         state["wall_s"] = self._wall_s()
-        (self.run_dir / STATE_FILE).write_text(json.dumps(state))
+        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state))
 
     def _wall_s(self) -> float:
         return self.progress.wall_s + (time.monotonic() - self._start)
@@ -432,11 +789,23 @@ class TrainingRun:
             self.shard_stats = ray.get([s.stats.remote() for s in self.shards], timeout=30)
         except Exception as exc:  # a shard restarting: keep the last figures
             log.debug("shard stats unavailable: %r", exc)
+        for stats in self.shard_stats:
+            index, restarts = int(stats["shard"]), int(stats.get("restarts", 0))
+            seen = self._shard_restarts_seen.setdefault(index, restarts)
+            if restarts > seen:
+                self.progress.shard_restarts += restarts - seen
+                self._shard_restarts_seen[index] = restarts
+                self.log_line(
+                    f"replay shard {index} was restarted by Ray (restored from "
+                    f"{stats.get('restored_from') or 'nothing: no snapshot yet'})"
+                )
         size = sum(s["size"] for s in self.shard_stats)
         held = sum(s["bytes_held"] for s in self.shard_stats)
         raw = sum(s["compression_ratio"] * s["bytes_held"] for s in self.shard_stats)
+        inserted = sum(int(s["inserted_transitions"]) for s in self.shard_stats)
         return {
             "size": size,
+            "inserted_transitions": inserted,
             "bytes": held,
             "bytes_per_transition": held / size if size else 0.0,
             "compression_ratio": raw / held if held else 0.0,
@@ -480,6 +849,8 @@ class TrainingRun:
         m.set_counter("td3drive_episodes", self.progress.episodes)
         m.set_counter("td3drive_learner_updates", self.progress.learner_updates)
         m.set_counter("td3drive_worker_restarts", self.progress.worker_restarts)
+        m.set_counter("td3drive_shard_restarts", self.progress.shard_restarts)
+        m.set_counter("td3drive_learner_restarts", self.progress.learner_restarts)
         m.set_counter("td3drive_env_restarts", sum(self._env_restarts_by_worker.values()))
         m.set_gauge("td3drive_learner_updates_per_second", line["updates_per_s"])
         for index, rate in self.worker_rates.items():
@@ -510,16 +881,29 @@ class TrainingRun:
 
     # ------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any]:
+        """Checkpoint, report, evaluate (not after a stop signal) and write
+        ``summary.json``; returns the summary."""
         self._checkpoint()
         self._report()
+        if self._stop_signal is not None:
+            return self._write_summary(
+                status="stopped", error=f"{signal.Signals(self._stop_signal).name} received"
+            )
         evaluation: dict[str, Any] = {"episodes": 0}
         if self.config.run.eval_episodes:
+            # The final weights (publishing happens every publish_every_updates):
+            # the evaluation is of the checkpoint just written.
+            ray.get(self.learner.publish.remote())
             self.log_line(f"evaluating the policy on {self.config.run.eval_episodes} episodes")
-            result = ray.get(self.evaluator.evaluate.remote(self.config.run.eval_episodes))
-            self._record_eval(result, at_steps=self.progress.env_steps)
-            evaluation = result["summary"]
-            with (self.run_dir / "eval.json").open("w") as handle:
-                json.dump(result, handle, indent=2, default=float)
+            try:
+                result = ray.get(self.evaluator.evaluate.remote(self.config.run.eval_episodes))
+            except (RayActorError, RayTaskError) as exc:
+                self.log_line(f"the final evaluation failed: {_actor_error(exc)}")
+            else:
+                self._record_eval(result, at_steps=self.progress.env_steps)
+                evaluation = result["summary"]
+                with (self.run_dir / "eval.json").open("w") as handle:
+                    json.dump(result, handle, indent=2, default=float)
         return self._write_summary(status="completed", evaluation=evaluation)
 
     def _record_eval(self, result: dict[str, Any], at_steps: int) -> None:
@@ -547,8 +931,10 @@ class TrainingRun:
                 ray.kill(getattr(self, name))
 
     def _write_summary(
-        self, status: str, evaluation: dict[str, Any] | None = None
+        self, status: str, evaluation: dict[str, Any] | None = None, error: str | None = None
     ) -> dict[str, Any]:
+        """Write ``summary.json``: ``status`` is ``completed``, ``stopped``
+        (a signal; ``--resume`` continues) or ``failed`` (``error`` says why)."""
         wall = self._wall_s()
         metrics = self.learner_stats.get("metrics", {})
         replay = self._replay_totals()
@@ -557,8 +943,10 @@ class TrainingRun:
             lag = ray.get(self.learner.policy_lag_mean.remote(), timeout=30)
         except Exception as exc:  # the learner may be gone after a failure
             log.debug("policy lag unavailable: %r", exc)
+        pushed = self.progress.transitions_pushed
         summary = {
             "status": status,
+            "error": error,
             "env_steps": self.progress.env_steps,
             "learner_updates": self.progress.learner_updates,
             "episodes": self.progress.episodes,
@@ -581,12 +969,48 @@ class TrainingRun:
             # batches (the rest of its wall time was updates and publishing).
             "learner_sample_wait_s": self.learner_stats.get("sample_wait_s_total"),
             "worker_restarts": self.progress.worker_restarts,
+            "shard_restarts": self.progress.shard_restarts,
             "learner_restarts": self.progress.learner_restarts,
+            "learner_updates_lost": self.progress.learner_updates_lost,
+            # Sent by the workers, refused by the shards as invalid, stored by
+            # the shards (cumulative over snapshot restores); lost: pushed but
+            # neither stored nor refused (chunks in flight when a shard died
+            # or the run stopped, inserts after a dead shard's last snapshot)
+            # plus chunks a worker could never send. A SIGKILLed worker's last
+            # call is in neither env_steps nor transitions_pushed (it never
+            # reported): its chunks that landed are in transitions_inserted,
+            # those in flight and its partial chunk are lost unseen
+            # (docs/reliability.md).
+            "transitions_pushed": pushed,
+            "transitions_rejected": self.progress.transitions_rejected,
+            "transitions_inserted": replay["inserted_transitions"],
+            "transitions_dropped": self.progress.transitions_dropped,
+            "transitions_lost": max(
+                0, pushed - self.progress.transitions_rejected - replay["inserted_transitions"]
+            )
+            + self.progress.transitions_dropped,
             "eval": evaluation or {"episodes": 0},
             "run_dir": str(self.run_dir),
         }
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a kill mid-write leaves the old file)."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _actor_error(exc: BaseException) -> str:
+    """A Ray actor error's cause on one line: the constructor's exception for
+    a failed start, Ray's reason (killed, node died, ...) otherwise."""
+    message = getattr(exc, "error_msg", None) or str(exc)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    # A creation-task failure carries the constructor's traceback: its last
+    # line is the exception itself.
+    if getattr(exc, "actor_init_failed", False) and lines:
+        return lines[-1]
+    return lines[0] if lines else type(exc).__name__
 
 
 def closing_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:

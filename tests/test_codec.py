@@ -28,6 +28,7 @@ from buffer_service import codec
 from buffer_service.codec import (
     FORMAT_VERSION,
     MAGIC,
+    MAX_ABS_REWARD,
     MAX_STEPS,
     Chunk,
     CodecError,
@@ -37,6 +38,7 @@ from buffer_service.codec import (
     encode,
     pack,
     pack_arrays,
+    payload_steps,
     validate_chunk,
 )
 from td3drive import spec
@@ -376,6 +378,43 @@ def test_decode_accepts_bytes_bytearray_and_memoryview_and_does_not_alias_them()
     assert not decoded.actions.flags.writeable
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "a str, not bytes",
+        None,
+        12345,
+        [1, 2, 3],
+        np.zeros((2, 10), np.uint8)[:, ::2],  # non-contiguous
+        np.frombuffer(b"TD3C" + bytes(60), np.uint8),  # an array, even a contiguous one
+        memoryview(bytes(64)).cast("B", (8, 8))[::2],  # a non-contiguous view
+    ],
+    ids=["str", "None", "int", "list", "strided_array", "array", "strided_view"],
+)
+def test_a_payload_that_is_not_bytes_is_rejected_with_codec_error(payload: object) -> None:
+    with pytest.raises(CodecError, match="payload"):
+        decode(payload)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="payload"):
+        payload_steps(payload)
+
+
+def test_rewards_at_the_limit_round_trip() -> None:
+    chunk = make_chunk(4, first_step=6)
+    rewards = np.array([MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, MAX_ABS_REWARD], np.float32)
+    chunk = dataclasses.replace(chunk, rewards=rewards)
+    assert_chunks_identical(decode(encode(chunk)).decompress(), chunk)
+
+
+def test_payload_steps_reads_the_header_only() -> None:
+    payload = encode(make_chunk(7, first_step=3))
+    assert payload_steps(payload) == 7
+    assert payload_steps(payload[: HEADER.size]) == 7  # the rest is not looked at
+    with pytest.raises(CodecError, match="shorter than the header"):
+        payload_steps(payload[:10])
+    with pytest.raises(CodecError, match="bad magic"):
+        payload_steps(b"X" * HEADER.size)
+
+
 def test_encoding_is_deterministic_and_pack_reproduces_the_payload() -> None:
     chunk = make_chunk(7, first_step=20, end="truncated")
     payload = encode(chunk)
@@ -502,6 +541,9 @@ def test_from_transitions_rejects_a_stack_that_does_not_slide_in_a_single_step()
 # --------------------------------------------------------------------------- 3. validate_chunk
 
 
+JUST_ABOVE_LIMIT = float(np.nextafter(np.float32(MAX_ABS_REWARD), np.float32(np.inf)))
+
+
 def _bad_chunks() -> dict[str, tuple[Callable[[Chunk], Chunk], str]]:
     steps = 4
     rep = dataclasses.replace
@@ -544,6 +586,16 @@ def _bad_chunks() -> dict[str, tuple[Callable[[Chunk], Chunk], str]]:
         ),
         "rewards_nan": (arr("rewards", lambda a: with_value(a, 1, np.nan)), "rewards: .*NaN"),
         "rewards_inf": (arr("rewards", lambda a: with_value(a, 3, np.inf)), "rewards: .*inf"),
+        "reward_above_limit": (
+            arr(
+                "rewards", lambda a: with_value(a, 1, float(np.nextafter(np.float32(1e6), np.inf)))
+            ),
+            "rewards: .*exceeds codec.MAX_ABS_REWARD",
+        ),
+        "reward_near_float32_max": (
+            arr("rewards", lambda a: with_value(a, 2, -float(np.finfo(np.float32).max))),
+            "rewards: .*exceeds codec.MAX_ABS_REWARD",
+        ),
         "action_above_1": (
             arr("actions", lambda a: with_value(a, (1, 0), 1.0001)),
             r"actions: values outside \[-1, 1\]",
@@ -776,6 +828,12 @@ def _bad_parts() -> dict[str, tuple[Callable[[Parts], Parts], str]]:
         "rewards_nan": (
             lambda p: p.with_arrays(rewards=with_value(a("rewards")(p), 2, np.nan)),
             "rewards: contains NaN or inf",
+        ),
+        "reward_near_float32_max": (
+            lambda p: p.with_arrays(
+                rewards=with_value(a("rewards")(p), 1, float(np.finfo(np.float32).max))
+            ),
+            "rewards: .*exceeds codec.MAX_ABS_REWARD",
         ),
         "vectors_inf": (
             lambda p: p.with_arrays(vectors=with_value(a("vectors")(p), (4, 22), -np.inf)),

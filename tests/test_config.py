@@ -9,7 +9,7 @@ import torch
 
 from learner.td3 import TD3Learner
 from td3drive import metric_names as M
-from td3drive.config import ConfigError, LearnerConfig, load_config
+from td3drive.config import ConfigError, LearnerConfig, RunConfig, load_config
 from tests.conftest import random_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +97,7 @@ def test_replay_section_validates_and_splits_over_shards(tmp_path: Path) -> None
     config = load_config(REPO / "deploy" / "local.yaml")
     replay = config.replay
     assert replay.per_shard(replay.capacity_transitions) == 50_000
+    assert replay.replay_ratio is not None
     assert replay.tolerance_for(64) == 64 + replay.replay_ratio * replay.chunk_steps
     with pytest.raises(ConfigError, match=r"batch_size \(256\) exceeds replay\.min_size_to_sample"):
         load_config(
@@ -104,3 +105,41 @@ def test_replay_section_validates_and_splits_over_shards(tmp_path: Path) -> None
         )
     with pytest.raises(ConfigError, match=r"replay\.replay_ratio"):
         load_config(_write(tmp_path, "replay:\n  replay_ratio: -1\n"))
+
+
+# Ports a Ray head node already uses: GCS, Serve, dashboard, client, dashboard
+# agent, the autoscaler's and the dashboard's metrics (44217, 44227), and 8080, which
+# KubeRay gives Ray's own metrics export on every pod; plus the Prometheus stack
+# (server, Pushgateway, Alertmanager, node and DCGM exporters).
+RAY_PORTS = {6379, 8000, 8265, 10001, 52365, 44217, 44227, 8080}
+MONITORING_PORTS = {9090, 9091, 9093, 9100, 9400}
+
+
+def test_default_metrics_port_avoids_ray_and_kuberay() -> None:
+    """The old default, 8080, is Ray's metrics export port on every KubeRay pod."""
+    port = RunConfig().metrics_port
+    assert port is not None and port not in RAY_PORTS | MONITORING_PORTS
+    assert not 10002 <= port <= 19999  # `ray start`'s default worker ports
+    assert port < 32768  # below Linux's ephemeral range (Ray's random ports)
+    assert "8080" in (RunConfig.model_fields["metrics_port"].description or "")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.metrics_linger_s=-1", r"run\.metrics_linger_s"),
+        ("run.metrics_linger_s=.inf", r"run\.metrics_linger_s"),
+        ("run.metrics_port=65536", r"run\.metrics_port"),
+    ],
+)
+def test_metrics_settings_are_validated(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, ""), [override])
+
+
+def test_metrics_linger_and_port_can_be_turned_off(tmp_path: Path) -> None:
+    config = load_config(
+        _write(tmp_path, ""), ["run.metrics_linger_s=0", "run.metrics_port=null"]
+    ).run
+    assert config.metrics_linger_s == 0.0 and config.metrics_port is None
+    assert RunConfig().metrics_linger_s == 30.0

@@ -1,24 +1,45 @@
 """The files in deploy/: run configs validate, the dashboard and the alert rules
 use only metric names the exporter exports, Prometheus accepts its files
 (promtool), the alert rules fire on the failures they describe and stay quiet on
-a healthy run, and the KubeRay manifest matches deploy/cluster.yaml."""
+a healthy run (and on a run that finished), and the KubeRay manifest matches
+deploy/cluster.yaml. Also the endpoint itself (td3drive/prometheus.py): bound
+first with a one-line error for a taken port, run_id on every series, the run
+status, and a close that lingers until a real Prometheus has scraped the end."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from rollout_workers.worker import env_kwargs_for
-from td3drive.config import CarlaConfig, RunConfig, load_config
-from td3drive.prometheus import COUNTERS, GAUGES, LABELS
+from td3drive.config import CarlaConfig, ConfigError, RunConfig, load_config
+from td3drive.prometheus import (
+    COUNTERS,
+    GAUGES,
+    LABELS,
+    RUN_ID_LABEL,
+    RUN_STATUSES,
+    MetricsEndpoint,
+    MetricsPortError,
+    RunMetrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -35,7 +56,7 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not on
 
 def _exported_labels(name: str) -> set[str]:
     base = name.removesuffix("_total") if name.endswith("_total") else name
-    return set(LABELS.get(base, ())) | {"job", "instance"}
+    return set(LABELS.get(base, ())) | {"job", "instance", RUN_ID_LABEL}
 
 
 # --- run configurations --------------------------------------------------------
@@ -100,6 +121,7 @@ def test_dashboard_structure() -> None:
     assert len(ids) == len(set(ids))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
+    assert "run_id" in variables["run_id"]["query"]["query"]
     for panel in _panels(dashboard):
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
@@ -139,6 +161,7 @@ def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
             .replace("$__rate_interval", "5m")
             .replace("$__range", "1h")
             .replace("$instance", ".*")
+            .replace("$run_id", ".*")
         )
         rules.append({"record": f"dashboard:panel{panel['id']}_{target['refId']}", "expr": expr})
     path = tmp_path / "dashboard_rules.yml"
@@ -189,6 +212,25 @@ def test_prometheus_config_scrapes_the_driver() -> None:
     for _, target in _targets(_dashboard()):
         if METRIC.search(target["expr"]):
             assert 'job="td3drive"' in target["expr"], target["expr"]
+            # every td3drive selector also picks the runs of the $run_id variable
+            selectors = re.findall(r"td3drive_\w+\{[^}]*\}", target["expr"])
+            assert all('run_id=~"$run_id"' in sel for sel in selectors), target["expr"]
+
+
+def test_linger_covers_two_scrapes() -> None:
+    """run.metrics_linger_s must let Prometheus scrape the final status twice at
+    prometheus.yml's interval (the alert rules read it after the target is down)."""
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    interval = _seconds(config["global"]["scrape_interval"])
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "td3drive"]
+    assert RunConfig().metrics_linger_s >= 2 * interval + _seconds(job["scrape_timeout"])
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        assert load_config(path).run.metrics_linger_s >= 2 * interval, path.name
+
+
+def _seconds(duration: str) -> float:
+    value, unit = re.fullmatch(r"(\d+)(ms|s|m)", duration).groups()  # type: ignore[union-attr]
+    return float(value) * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
 
 
 def _promtool(*args: str, cwd: Path | None = None) -> str:
@@ -208,24 +250,41 @@ def test_promtool_accepts_rules_and_config() -> None:
 
 # Alert-rule unit tests (promtool test rules). One sample a minute for 90 min.
 MINUTES = 90
-WHERE = 'job="td3drive", instance="driver:8080"'
-TARGET = {"job": "td3drive", "instance": "driver:8080"}
+TARGET = {"job": "td3drive", "instance": "driver:9810"}
+RUN = {"run_id": "r1"}
+RUN_START = 1_700_000_000  # td3drive_run_start_time_seconds of run r1
 
 
 def _ramp(start: float, per_minute: float = 0.0) -> str:
     return " ".join(f"{start + per_minute * i:g}" for i in range(MINUTES + 1))
 
 
-def _s(name: str, **labels: str) -> str:
-    """A series selector of the test target: ``name{job, instance, labels}``."""
-    extra = "".join(f', {key}="{value}"' for key, value in labels.items())
-    return f"{name}{{{WHERE}{extra}}}"
+def _s(name: str, run_id: str = "r1", **labels: str) -> str:
+    """A series selector of the test target: ``name{job, instance, run_id, labels}``
+    (``up`` is Prometheus's own and has no run_id)."""
+    extra = {**TARGET, **({} if name == "up" else {RUN_ID_LABEL: run_id}), **labels}
+    return name + "{" + ", ".join(f'{key}="{value}"' for key, value in extra.items()) + "}"
+
+
+def _r(**labels: str) -> dict[str, str]:
+    """Expected alert labels of a rule that keeps the run's labels."""
+    return {**RUN, **labels}
+
+
+def _status(current: str, run_id: str = "r1") -> dict[str, str]:
+    """td3drive_run_status series of a run whose status is ``current`` throughout."""
+    return {
+        _s("td3drive_run_status", run_id, status=status): _ramp(1 if status == current else 0)
+        for status in RUN_STATUSES
+    }
 
 
 def _healthy() -> dict[str, str]:
     """A run that trains: 400 env steps/s, 10 updates/s, clipping active, Q rising slowly."""
     return {
         _s("up"): _ramp(1),
+        **_status("running"),
+        _s("td3drive_run_start_time_seconds"): " ".join([str(RUN_START)] * (MINUTES + 1)),
         _s("td3drive_env_steps_total"): _ramp(0, 24_000),
         _s("td3drive_env_steps_per_second", worker="0"): _ramp(200),
         _s("td3drive_env_steps_per_second", worker="1"): _ramp(200),
@@ -265,27 +324,27 @@ FAILURES: list[tuple[str, dict[str, str], list[dict[str, str]]]] = [
             _s("td3drive_learner_loss", network="critic"): NAN_FROM_MINUTE_60,
             _s("td3drive_learner_non_finite_loss"): _ramp(1),
         },
-        [{}, {"network": "critic"}],
+        [_r(), _r(network="critic")],
     ),
     (
         "TD3DriveEncodersNotLearning",
         {_s("td3drive_learner_encoder_weight_delta_ratio", network="actor"): _ramp(0)},
-        [{"network": "actor"}],
+        [_r(network="actor")],
     ),
     (
         "TD3DriveActorSaturated",
         {_s("td3drive_learner_actor_saturation_ratio"): _ramp(1.0)},
-        [{}],
+        [_r()],
     ),
     (
         "TD3DriveQValuesOutOfRange",
         {_s("td3drive_learner_q_value", head="q1"): _ramp(0, 5)},
-        [{"head": "q1"}],
+        [_r(head="q1")],
     ),
     (
         "TD3DriveQValuesGrowingFast",
         {_s("td3drive_learner_q_value", head="q2"): _ramp(-100, 2.5)},
-        [{"head": "q2"}],
+        [_r(head="q2")],
     ),
     (
         "TD3DriveGradNormAboveClip",
@@ -294,37 +353,39 @@ FAILURES: list[tuple[str, dict[str, str], list[dict[str, str]]]] = [
             _s("td3drive_learner_grad_norm", network="critic", stage="postclip"): _ramp(8),
         },
         # above the clip (keeps stage) / above its own pre-clip norm (matched ignoring stage)
-        [{"network": "actor", "stage": "postclip"}, {"network": "critic"}],
+        [_r(network="actor", stage="postclip"), _r(network="critic")],
     ),
     (
         "TD3DriveGradNormExploding",
         {_s("td3drive_learner_grad_norm", network="critic", stage="preclip"): _ramp(500)},
-        [{"network": "critic", "stage": "preclip"}],
+        [_r(network="critic", stage="preclip")],
     ),
-    ("TD3DriveLearnerStalled", {_s("td3drive_learner_updates_total"): _ramp(6_000)}, [{}]),
+    ("TD3DriveLearnerStalled", {_s("td3drive_learner_updates_total"): _ramp(6_000)}, [_r()]),
     (
         "TD3DriveLearnerStarved",
         {_s("td3drive_rate_limiter_wait_seconds_total", shard="0", side="sample"): _ramp(0, 50)},
-        [{}],
+        [_r()],
     ),
     (
         "TD3DriveRolloutThrottledByLearner",
         {_s("td3drive_rate_limiter_wait_seconds_total", shard="0", side="insert"): _ramp(0, 50)},
-        [{}],
+        [_r()],
     ),
-    ("TD3DrivePolicyLagHigh", {_s("td3drive_policy_lag_updates"): _ramp(10_000)}, [{}]),
+    ("TD3DrivePolicyLagHigh", {_s("td3drive_policy_lag_updates"): _ramp(10_000)}, [_r()]),
+    # The target is down while the run's last status is running: a dead driver.
     ("TD3DriveEndpointDown", {_s("up"): _ramp(0)}, [{}]),
-    ("TD3DriveWorkersStalled", {_s("td3drive_env_steps_total"): _ramp(1_000)}, [{}]),
+    ("TD3DriveRunFailed", _status("failed"), [_r(status="failed")]),
+    ("TD3DriveWorkersStalled", {_s("td3drive_env_steps_total"): _ramp(1_000)}, [_r()]),
     (
         "TD3DriveWorkerStalled",
         {_s("td3drive_env_steps_per_second", worker="1"): _ramp(0)},
-        [{"worker": "1"}],
+        [_r(worker="1")],
     ),
-    ("TD3DriveWorkersRestarting", {_s("td3drive_worker_restarts_total"): _ramp(0, 1)}, [{}]),
+    ("TD3DriveWorkersRestarting", {_s("td3drive_worker_restarts_total"): _ramp(0, 1)}, [_r()]),
     (
         "TD3DriveReplayRejectsPayloads",
         {_s("td3drive_replay_rejected_payloads_total", shard="0"): _ramp(0, 1)},
-        [{"shard": "0"}],
+        [_r(shard="0")],
     ),
 ]
 
@@ -337,15 +398,28 @@ def _test_group(series: dict[str, str], checks: list[dict[str, Any]]) -> dict[st
     }
 
 
-@needs_promtool
-def test_alert_rules_fire_on_failures_and_not_on_a_healthy_run(tmp_path: Path) -> None:
+def _rules_without_annotations(tmp_path: Path) -> dict[str, str]:
+    """alerts.yml copied to tmp_path without annotations (promtool compares them
+    verbatim; labels suffice); returns each alert's severity."""
     rules = yaml.safe_load(ALERTS.read_text())
     severity = {}
     for group in rules["groups"]:
         for rule in group["rules"]:
-            rule.pop("annotations")  # promtool compares annotations verbatim; labels suffice
+            rule.pop("annotations")
             severity[rule["alert"]] = rule["labels"]["severity"]
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    return severity
+
+
+def _run_promtool_tests(tmp_path: Path, groups: list[dict[str, Any]]) -> None:
+    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": groups}
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    _promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+
+@needs_promtool
+def test_alert_rules_fire_on_failures_and_not_on_a_healthy_run(tmp_path: Path) -> None:
+    severity = _rules_without_annotations(tmp_path)
     assert {name for name, _, _ in FAILURES} == set(severity), "every alert has a failure case"
 
     at = f"{MINUTES}m"
@@ -357,9 +431,151 @@ def test_alert_rules_fire_on_failures_and_not_on_a_healthy_run(tmp_path: Path) -
         ]
         check = {"eval_time": at, "alertname": name, "exp_alerts": alerts}
         groups.append(_test_group({**_healthy(), **overrides}, [check]))
-    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": groups}
-    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    _promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    _run_promtool_tests(tmp_path, groups)
+
+
+# --- the end of a run: finished vs dead ------------------------------------------
+END = 60  # minute of the driver's last scrape (the linger); the target is down after
+
+
+def _ends_at(values: str, minute: int, last: float | None = None) -> str:
+    """``values`` up to ``minute`` (the last one replaced by ``last``), then the
+    staleness marker Prometheus writes when the target goes away, then nothing."""
+    kept = values.split()[: minute + 1]
+    if last is not None:
+        kept[-1] = f"{last:g}"
+    return " ".join([*kept, "stale", *["_"] * (MINUTES - minute - 1)])
+
+
+def _run_that_ends(final_status: str | None, **final: float) -> dict[str, str]:
+    """The healthy run whose driver went away after minute END. ``final_status``:
+    the status it reported in its last scrape (None: it vanished while running);
+    ``final``: other gauges' last values by metric name."""
+    series = _healthy()
+    ended = {}
+    for selector, values in series.items():
+        if selector.startswith("up{"):
+            ended[selector] = " ".join(["1"] * (END + 1) + ["0"] * (MINUTES - END))
+            continue
+        name = selector.split("{")[0]
+        last = final.get(name)
+        if name == "td3drive_run_status" and final_status is not None:
+            last = 1.0 if f'status="{final_status}"' in selector else 0.0
+        ended[selector] = _ends_at(values, END, last)
+    return ended
+
+
+def _checks(
+    severity: dict[str, str], expected: dict[str, dict[int, list[dict[str, str]]]]
+) -> list[dict[str, Any]]:
+    """promtool checks: ``{alert: {minute: [expected labels]}}``."""
+    return [
+        {
+            "eval_time": f"{minute}m",
+            "alertname": name,
+            "exp_alerts": [
+                {"exp_labels": {**TARGET, "severity": severity[name], **labels}}
+                for labels in alerts
+            ],
+        }
+        for name, by_minute in expected.items()
+        for minute, alerts in by_minute.items()
+    ]
+
+
+@needs_promtool
+def test_a_finished_run_does_not_page_and_a_dead_one_does(tmp_path: Path) -> None:
+    """The old rule (`up == 0` for 5 min) paged every run 5 minutes after it
+    completed; the NaN gauge, set as the run stopped, was never scraped. Now the
+    driver's last scrapes carry the final status: completed or stopped is quiet,
+    running-then-gone or failed pages, and the NaN alert outlives the endpoint."""
+    severity = _rules_without_annotations(tmp_path)
+    after = (END + 6, END + 15, MINUTES)  # EndpointDown's `for: 5m` has run out at END + 6
+    down: dict[int, list[dict[str, str]]] = {m: [{}] for m in after}
+    quiet: dict[int, list[dict[str, str]]] = {m: [] for m in after}
+    groups = []
+    for status in ("completed", "stopped"):
+        groups.append(
+            _test_group(
+                _run_that_ends(status),
+                _checks(
+                    severity,
+                    {
+                        "TD3DriveEndpointDown": quiet,
+                        "TD3DriveRunFailed": quiet,
+                        "TD3DriveNonFiniteLoss": quiet,
+                    },
+                ),
+            )
+        )
+    # Killed (SIGKILL, OOM, node lost): the endpoint vanished while running.
+    groups.append(
+        _test_group(
+            _run_that_ends(None),
+            _checks(severity, {"TD3DriveEndpointDown": down, "TD3DriveRunFailed": quiet}),
+        )
+    )
+    # A NaN loss: the driver set the gauge and status failed, and lingered.
+    nan_run = _run_that_ends("failed", td3drive_learner_non_finite_loss=1.0)
+    failed = [_r(status="failed")]
+    groups.append(
+        _test_group(
+            nan_run,
+            _checks(
+                severity,
+                {
+                    "TD3DriveNonFiniteLoss": {END: [_r()], END + 1: [_r()], MINUTES: [_r()]},
+                    "TD3DriveRunFailed": {END: failed, END + 1: failed, MINUTES: failed},
+                    "TD3DriveEndpointDown": down,
+                },
+            ),
+        )
+    )
+    _run_promtool_tests(tmp_path, groups)
+
+
+@needs_promtool
+def test_a_completed_rerun_after_a_crash_does_not_page(tmp_path: Path) -> None:
+    """Run r1 dies while running at minute 30 (pages); run r2 starts at the same
+    target at minute 40 and completes at minute 70: only the newest run's last
+    status counts, so r2's end is quiet although r1's last status was running."""
+    severity = _rules_without_annotations(tmp_path)
+    gap, start, end = 30, 40, 70
+
+    def segment(first: int, last: int, values: list[str]) -> str:
+        out = ["_"] * (MINUTES + 1)
+        out[first : last + 1] = values
+        if last + 1 <= MINUTES:
+            out[last + 1] = "stale"
+        return " ".join(out)
+
+    def run(run_id: str, first: int, last: int, final: str, started: int) -> dict[str, str]:
+        n = last - first + 1
+        series = {
+            _s("td3drive_run_status", run_id, status=s): segment(
+                first,
+                last,
+                ["1" if s == "running" else "0"] * (n - 1) + ["1" if s == final else "0"],
+            )
+            for s in RUN_STATUSES
+        }
+        series[_s("td3drive_run_start_time_seconds", run_id)] = segment(
+            first, last, [str(started)] * n
+        )
+        return series
+
+    up = ["1"] * (gap + 1) + ["0"] * (start - gap - 1) + ["1"] * (end - start + 1)
+    up += ["0"] * (MINUTES - end)
+    series = {
+        _s("up"): " ".join(up),
+        **run("r1", 0, gap, "running", RUN_START),
+        **run("r2", start, end, "completed", RUN_START + start * 60),
+    }
+    checks = _checks(
+        severity,
+        {"TD3DriveEndpointDown": {gap + 7: [{}], start + 5: [], end + 6: [], MINUTES: []}},
+    )
+    _run_promtool_tests(tmp_path, [_test_group(series, checks)])
 
 
 # --- KubeRay ------------------------------------------------------------------
@@ -403,3 +619,213 @@ def test_rayjob_manifest_matches_the_cluster_config() -> None:
     gpu_limits = learner["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu_limits["nvidia.com/gpu"]) >= run.learner_num_gpus
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+# --- the endpoint (td3drive/prometheus.py) ---------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, list[Any]]:
+    """Samples of ``http://127.0.0.1:port/metrics`` by family name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as client:
+        return client.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
+    """Poll ``predicate`` until true; the timeout is reached only by a real hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def test_a_taken_port_is_a_one_line_config_error() -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(MetricsPortError) as raised:
+            MetricsEndpoint.bind(RunMetrics(run_id="r1"), port)
+    error = raised.value
+    assert isinstance(error, ConfigError) and error.port == port and error.in_use
+    assert str(error) == (
+        f"run.metrics_port {port} is taken (Address already in use); choose another with "
+        "--set run.metrics_port=N or null to disable"
+    )
+
+
+def test_every_series_carries_the_run_id_and_the_status_is_an_enum() -> None:
+    metrics = RunMetrics(run_id="runs-local")
+    metrics.set_counter("td3drive_env_steps", 640)
+    metrics.set_gauge("td3drive_replay_size_transitions", 320, "0")
+    metrics.update_learner({"losses/critic": 0.5})
+    with MetricsEndpoint.bind(metrics, 0, address="127.0.0.1") as endpoint:
+        families = _scrape(endpoint.port)
+        samples = [sample for family in families.values() for sample in family]
+        assert samples and all(s.labels.get("run_id") == "runs-local" for s in samples)
+        status = {s.labels["status"]: s.value for s in families["td3drive_run_status"]}
+        assert status == {"running": 1.0, "completed": 0.0, "stopped": 0.0, "failed": 0.0}
+        (nan_gauge,) = families["td3drive_learner_non_finite_loss"]
+        assert nan_gauge.value == 0.0  # exported from the start, so a resume clears the alert
+        (started,) = families["td3drive_run_start_time_seconds"]
+        assert abs(started.value - time.time()) < 3600
+
+        metrics.set_status("stopped")
+        status = {
+            s.labels["status"]: s.value for s in _scrape(endpoint.port)["td3drive_run_status"]
+        }
+        assert status == {"running": 0.0, "completed": 0.0, "stopped": 1.0, "failed": 0.0}
+        assert metrics.status == "stopped"
+    with pytest.raises(ValueError, match="not one of running, completed, stopped, failed"):
+        metrics.set_status("crashed")
+
+
+def test_close_lingers_then_releases_the_port() -> None:
+    """The old endpoint was shut at once when the run ended (the final values
+    were never scraped) and its socket was never closed."""
+    metrics = RunMetrics(run_id="r1")
+    endpoint = MetricsEndpoint.bind(metrics, 0, address="127.0.0.1")
+    port = endpoint.port
+    metrics.set_status("completed")
+    closer = threading.Thread(target=endpoint.close, kwargs={"linger_s": 600.0})
+    closer.start()
+    _wait_for(lambda: endpoint.lingering, "close() lingers")
+    # Still served after the run ended, with its final status.
+    (completed,) = [
+        s for s in _scrape(port)["td3drive_run_status"] if s.labels["status"] == "completed"
+    ]
+    assert completed.value == 1.0 and not endpoint.closed
+    endpoint.stop_lingering()
+    closer.join(timeout=120)
+    assert not closer.is_alive() and endpoint.closed and _refused(port)
+    endpoint.close(0.0)  # idempotent
+    # The port is free again: a new endpoint binds it.
+    MetricsEndpoint.bind(RunMetrics(run_id="r2"), port, address="127.0.0.1").close(0.0)
+
+    short = MetricsEndpoint.bind(RunMetrics(run_id="r3"), 0, address="127.0.0.1")
+    started = time.monotonic()
+    short.close(0.2)
+    assert time.monotonic() - started >= 0.2 and _refused(short.port)
+    with pytest.raises(ValueError, match="linger_s"):
+        short.close(-1.0)
+
+
+def _prometheus_query(prometheus: str, expression: str) -> list[dict[str, Any]]:
+    url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expression)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+    except (OSError, urllib.error.URLError):
+        return []  # Prometheus still starting
+    return list(body["data"]["result"])
+
+
+def _alert_rule(prometheus: str, name: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules?type=alert", timeout=10) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    (rule,) = [r for g in groups for r in g["rules"] if r["name"] == name]
+    return dict(rule)
+
+
+def _last_evaluation(prometheus: str, name: str) -> float:
+    """Unix time of the rule's last evaluation (RFC 3339 with nanoseconds)."""
+    stamp = _alert_rule(prometheus, name)["lastEvaluation"]
+    match = re.fullmatch(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", stamp)
+    assert match is not None, stamp
+    whole, fraction, zone = match.groups()
+    parsed = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    return parsed.timestamp() + float(f"0.{fraction or 0}")
+
+
+def test_a_real_prometheus_sees_the_nan_gauge_of_a_run_that_stopped(tmp_path: Path) -> None:
+    """A run that stopped on a NaN loss: the driver sets the gauge and status
+    failed, then closes the endpoint with a linger. Prometheus, started only
+    after the run ended, scrapes both; TD3DriveNonFiniteLoss (deploy's rules)
+    fires with the run_id, and keeps firing after the endpoint is gone.
+    Before, the endpoint was shut at once and Prometheus never saw the gauge."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide the Debian prometheus package (.ci/run installs it)")
+        pytest.skip("the prometheus server is not installed (apt-get install prometheus)")
+    metrics = RunMetrics(run_id="nan-run")
+    endpoint = MetricsEndpoint.bind(metrics, 0, address="127.0.0.1")
+    metrics.set_gauge("td3drive_learner_non_finite_loss", 1.0)
+    metrics.set_status("failed")
+    # The run has ended: close with a linger (long; cut short once Prometheus has seen it).
+    closer = threading.Thread(target=endpoint.close, kwargs={"linger_s": 600.0})
+    closer.start()
+    _wait_for(lambda: endpoint.lingering, "close() lingers")
+
+    web_port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {
+                        "job_name": "td3drive",
+                        "static_configs": [{"targets": [f"127.0.0.1:{endpoint.port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    prometheus = f"http://127.0.0.1:{web_port}"
+
+    def firing(alert: str) -> list[dict[str, Any]]:
+        return _prometheus_query(prometheus, f'ALERTS{{alertname="{alert}", alertstate="firing"}}')
+
+    try:
+        gauge = 'td3drive_learner_non_finite_loss{job="td3drive"} == 1'
+        _wait_for(lambda: _prometheus_query(prometheus, gauge), "Prometheus sees the NaN gauge")
+        (series,) = _prometheus_query(prometheus, gauge)
+        assert series["metric"]["run_id"] == "nan-run" and float(series["value"][1]) == 1.0
+        (status,) = _prometheus_query(prometheus, 'td3drive_run_status{status="failed"} == 1')
+        assert status["metric"]["run_id"] == "nan-run"
+        _wait_for(lambda: firing("TD3DriveNonFiniteLoss"), "TD3DriveNonFiniteLoss fires")
+        assert firing("TD3DriveNonFiniteLoss")[0]["metric"]["run_id"] == "nan-run"
+        _wait_for(lambda: firing("TD3DriveRunFailed"), "TD3DriveRunFailed fires")
+
+        endpoint.stop_lingering()  # the linger ends: the driver exits
+        closer.join(timeout=120)
+        assert endpoint.closed and _refused(endpoint.port)
+        down = 'timestamp(up{job="td3drive"} == 0)'
+        _wait_for(lambda: _prometheus_query(prometheus, down), "Prometheus sees the target down")
+        went_down = float(_prometheus_query(prometheus, down)[0]["value"][1])
+        # The alert outlives the endpoint (last_over_time in alerts.yml): its rule,
+        # evaluated after the target went down, still fires.
+        _wait_for(
+            lambda: _last_evaluation(prometheus, "TD3DriveNonFiniteLoss") > went_down,
+            "the rules are evaluated after the target went down",
+        )
+        rule = _alert_rule(prometheus, "TD3DriveNonFiniteLoss")
+        assert rule["state"] == "firing", "the NaN alert resolved when the endpoint went away"
+    finally:
+        endpoint.stop_lingering()
+        closer.join(timeout=120)
+        server.terminate()
+        server.wait(timeout=60)

@@ -15,6 +15,7 @@ import yaml
 from learner.td3 import TD3Learner
 from td3drive.cli import main
 from td3drive.config import LearnerConfig, TD3DriveConfig
+from tests.test_learner_resume import write_as_if_saved_on_cuda
 
 TINY_LEARNER = LearnerConfig(device="cpu", features_dim=32, actor_hidden=(32,), critic_hidden=(32,))
 
@@ -155,6 +156,23 @@ def test_errors_are_one_line_and_exit_2(
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("td3drive: error: "), captured.err
+
+
+def test_a_checkpoint_saved_on_a_gpu_evaluates_on_a_cpu(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its tensors are tagged ``cuda:0`` and its generator state is a CUDA
+    generator's 16 bytes (a CPU one takes 5,056): only the policy is needed."""
+    learner = TD3Learner(TINY_LEARNER)
+    checkpoint = write_as_if_saved_on_cuda(
+        learner.state_dict(), tmp_path / "gpu-run" / "checkpoints" / "learner.pt"
+    )
+    code, result = evaluate(
+        tmp_path, "--checkpoint", str(checkpoint), "--config", str(run_dir / "config.yaml")
+    )
+    assert code == 0, capsys.readouterr().err
+    assert result["policy_version"] == 0
+    assert_time_limit(result["episodes"], 7)
 
 
 def test_episodes_default_to_ten() -> None:

@@ -1,10 +1,16 @@
 """The replay service on a real local Ray instance: 2 shards, 2 pushers,
-1 sampler; back-pressure; bad payloads over the wire."""
+1 sampler; back-pressure; blocked inserts never delay other calls; bad
+payloads over the wire.
+
+Nothing here depends on the machine's speed: tests wait on counts a shard
+reports (``waiting_inserts``, ``size``), with timeouts only a real hang reaches.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +28,18 @@ from td3drive.config import ReplayConfig
 
 CHUNK = 16
 BATCH = 32
+HANG_S = 60  # a wait that only a real hang reaches
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = HANG_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def stat(shard: Any, key: str) -> Any:
+    return ray.get(shard.stats.remote(), timeout=HANG_S)[key]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +67,21 @@ def pusher(shards: list, first_episode: int, version: int, first_shard: int) -> 
     return {"pushed": writer.pushed, "rejected": writer.rejected}
 
 
+def test_every_shard_method_has_a_concurrency_group() -> None:
+    # A public method left in Ray's default group would share its threads with
+    # nothing in particular; inserts and samples must each have their own.
+    import buffer_service.ray_actor as ray_actor
+    import buffer_service.shard as plain
+
+    public = [n for n, v in vars(plain.ReplayShard).items() if callable(v) and n[0] != "_"]
+    groups = {
+        name: getattr(vars(ray_actor.ReplayShard).get(name), "__ray_concurrency_group__", None)
+        for name in public
+    }
+    assert groups.pop("insert") == "insert" and groups.pop("sample") == "sample"
+    assert set(groups.values()) == {"control"}, groups
+
+
 def test_split_is_proportional_and_exact() -> None:
     assert split_proportionally(32, [100, 300]) == [8, 24]
     assert sum(split_proportionally(33, [1, 1, 1])) == 33
@@ -72,9 +105,10 @@ def test_two_shards_two_pushers_one_sampler(ray_instance: None) -> None:
     assert [r["pushed"] for r in results] == [8, 8]
     assert all(r["rejected"] == 0 for r in results)
     sizes = ray.get([s.size.remote() for s in shards])
-    # Round-robin spreads every pusher's chunks over both shards (not always
-    # exactly evenly: a push skips a shard that still holds this writer's last).
-    assert sum(sizes) == 256 and min(sizes) >= 96, sizes
+    # Round-robin spreads every pusher's chunks over both shards, but not
+    # evenly on a loaded machine: a push skips a shard that still holds this
+    # writer's last one. Each pusher's first push goes to its first shard.
+    assert sum(sizes) == 256 and min(sizes) >= CHUNK, sizes
 
     sampler = ReplaySampler(shards, BATCH, prefetch=2, timeout_s=60)
     try:
@@ -101,27 +135,33 @@ def test_writer_waits_instead_of_queueing_when_the_shard_is_full(ray_instance: N
         min_size_to_sample=CHUNK,
         replay_ratio=1.0,
         replay_ratio_tolerance=24.0,
-        rate_limit_timeout_s=60,
+        rate_limit_timeout_s=HANG_S,
     )
     shard = remote_shard_class(num_cpus=0).remote(config, 16, 0)
     writer = ReplayWriter([shard], max_in_flight=2)
     data = episode_payloads(range(10), 0)
-    pushed = 0
-    with pytest.raises(TimeoutError, match="no push slot"):
-        for payload in data:
-            writer.push(payload, timeout_s=1.0)
-            pushed += 1
-            assert writer.in_flight <= 2
-    # Two chunks were accepted (min size, then tolerance), two wait in flight,
-    # and the rest were never sent: the writer holds at most 2 payloads.
+    # Two chunks are accepted (min size, then tolerance), the next two wait in
+    # the shard for a learner; the pushes themselves wait for slots as needed.
+    for payload in data[:4]:
+        writer.push(payload, timeout_s=HANG_S)
+        assert writer.in_flight <= 2
+    wait_until(lambda: stat(shard, "waiting_inserts") == 2, "two inserts held by the shard")
     assert ray.get(shard.size.remote()) == 2 * CHUNK
-    assert writer.in_flight == 2 and pushed == 4
-    assert writer.wait_s_total >= 1.0
+    assert writer.in_flight == 2 and writer.pushed == 4
+    # Both slots are held by inserts the shard holds: the next push cannot be
+    # sent, whatever the machine's speed, and is not queued in memory either.
+    waited = writer.wait_s_total
+    with pytest.raises(TimeoutError, match="no push slot"):
+        writer.push(data[4], timeout_s=0.5)
+    assert writer.pushed == 4 and writer.in_flight == 2
+    assert writer.pushed_transitions == 4 * CHUNK
+    assert writer.wait_s_total - waited >= 0.5
     # The learner catches up; the waiting pushes land.
     for _ in range(4):
-        ray.get(shard.sample.remote(16))
-    writer.flush(timeout_s=30)
+        ray.get(shard.sample.remote(16), timeout=HANG_S)
+    writer.flush(timeout_s=HANG_S)
     assert ray.get(shard.size.remote()) == 4 * CHUNK
+    assert writer.in_flight == 0 and writer.in_flight_transitions == 0
 
 
 def test_writer_routes_around_a_shard_that_holds_its_pushes(ray_instance: None) -> None:
@@ -135,31 +175,65 @@ def test_writer_routes_around_a_shard_that_holds_its_pushes(ray_instance: None) 
         min_size_to_sample=2 * CHUNK,  # one chunk per shard
         replay_ratio=1.0,
         replay_ratio_tolerance=24.0,
-        rate_limit_timeout_s=60,
+        rate_limit_timeout_s=HANG_S,
     )
     shard_class = remote_shard_class(num_cpus=0)
     shards = [shard_class.remote(config, 16, index) for index in range(2)]
     data = episode_payloads(range(10), 0)
-    ray.get([shards[0].insert.remote(p) for p in data[:2]], timeout=30)
+    ray.get([shards[0].insert.remote(p) for p in data[:2]], timeout=HANG_S)
     held = shards[0].insert.remote(data[2])  # min size, tolerance, then held
-    ready, _ = ray.wait([held], timeout=1.0)
-    assert not ready, "shard 0 should hold this push"
+    wait_until(lambda: stat(shards[0], "waiting_inserts") == 1, "shard 0 to hold a push")
 
     writer = ReplayWriter(shards, max_in_flight=2, first_shard=0)
     for payload in data[3:7]:
-        writer.push(payload, timeout_s=5.0)  # round-robin timed out on the fourth
+        writer.push(payload, timeout_s=HANG_S)  # round-robin hung on the fourth
     assert writer.in_flight_per_shard()[0] == 1  # one push waits on shard 0, no more
-    deadline = time.monotonic() + 30
-    while ray.get(shards[1].size.remote()) < 2 * CHUNK and time.monotonic() < deadline:
-        time.sleep(0.05)  # the shard is threaded: a size call may overtake an insert
+    # Shard 1 took two chunks and holds the fourth push.
+    wait_until(lambda: stat(shards[1], "waiting_inserts") == 1, "shard 1 to hold a push")
     assert ray.get(shards[1].size.remote()) == 2 * CHUNK
-    # Shard 1 is now ahead too and holds the fourth push. The learner samples
-    # both shards; every held push lands.
+    # The learner samples both shards; every held push lands.
     for _ in range(3):
-        ray.get([shard.sample.remote(16) for shard in shards], timeout=30)
-    ray.get(held, timeout=30)
-    writer.flush(timeout_s=30)
+        ray.get([shard.sample.remote(16) for shard in shards], timeout=HANG_S)
+    ray.get(held, timeout=HANG_S)
+    writer.flush(timeout_s=HANG_S)
     assert ray.get([shard.size.remote() for shard in shards]) == [4 * CHUNK, 3 * CHUNK]
+
+
+def test_blocked_inserts_beyond_the_insert_threads_never_delay_other_calls(
+    ray_instance: None,
+) -> None:
+    # Two insert threads and five inserts held by the rate limiter (two in
+    # threads, three queued). With one thread pool for every method, the
+    # learner's size/sample, stats, save and release queued behind them until
+    # the inserts timed out (rate_limit_timeout_s later; here never, within
+    # the test's waits).
+    config = ReplayConfig(
+        num_shards=1,
+        chunk_steps=CHUNK,
+        min_size_to_sample=CHUNK,
+        replay_ratio=1.0,
+        replay_ratio_tolerance=24.0,
+        rate_limit_timeout_s=600,
+    )
+    shard = remote_shard_class(max_concurrency=2, num_cpus=0).remote(config, 16, 0)
+    data = episode_payloads(range(4), 0)
+    ray.get([shard.insert.remote(p) for p in data[:2]], timeout=HANG_S)  # min size, tolerance
+    held = [shard.insert.remote(p) for p in data[2:7]]
+    wait_until(lambda: stat(shard, "waiting_inserts") == 2, "both insert threads to block")
+    ready, _ = ray.wait(held, num_returns=len(held), timeout=0)
+    assert not ready
+    # Every other call answers while the inserts stay blocked.
+    assert ray.get(shard.size.remote(), timeout=HANG_S) == 2 * CHUNK
+    assert stat(shard, "rejected_payloads") == 0
+    assert ray.get(shard.priorities.remote(), timeout=HANG_S) is None
+    sampled = ray.get(shard.sample.remote(16), timeout=HANG_S)  # debt 16 -> 0: one chunk may land
+    assert sampled.ids.shape == (16,)
+    wait_until(lambda: ray.get(shard.size.remote()) == 3 * CHUNK, "one held insert to land")
+    # Collection ends: release wakes every held insert, queued ones included.
+    ray.get(shard.release_rate_limit.remote(), timeout=HANG_S)
+    ray.get(held, timeout=HANG_S)
+    assert ray.get(shard.size.remote(), timeout=HANG_S) == 7 * CHUNK
+    ray.kill(shard)
 
 
 def test_invalid_payload_over_the_wire_is_counted_not_fatal(ray_instance: None) -> None:
@@ -167,9 +241,14 @@ def test_invalid_payload_over_the_wire_is_counted_not_fatal(ray_instance: None) 
     shard = remote_shard_class(num_cpus=0).remote(config, 16, 0)
     writer = ReplayWriter([shard], max_in_flight=1)
     good = episode_payloads(range(1), 0)[0]
-    writer.push(good[:-10])
-    writer.push(good)
-    writer.flush(timeout_s=30)
-    assert writer.rejected == 1
+    writer.push(good[:-10], timeout_s=HANG_S)  # truncated: its header still says 16 steps
+    writer.push("not bytes", timeout_s=HANG_S)  # type: ignore[arg-type]
+    writer.push(good, timeout_s=HANG_S)
+    writer.flush(timeout_s=HANG_S)
+    assert writer.pushed == 3 and writer.rejected == 2
+    assert writer.pushed_transitions == 2 * CHUNK and writer.rejected_transitions == CHUNK
     stats = ray.get(shard.stats.remote())
-    assert stats["rejected_payloads"] == 1 and stats["size"] == CHUNK
+    assert stats["rejected_payloads"] == 2 and stats["size"] == CHUNK
+    assert stats["inserted_transitions"] == CHUNK
+    # pushed - rejected - inserted: nothing lost
+    assert writer.pushed_transitions - writer.rejected_transitions == stats["inserted_transitions"]

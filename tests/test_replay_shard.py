@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import buffer_service.snapshot as snapshot_module
-from buffer_service.codec import CodecError, encode, pack
+from buffer_service.codec import Chunk, CodecError, CompressedChunk, compress, encode, pack
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.shard import ReplayShard
 from buffer_service.snapshot import read_latest
@@ -29,16 +32,27 @@ def payloads(count: int, seed: int = 0, steps: int = CHUNK) -> list[bytes]:
     return out
 
 
-def make_shard(tmp_path: Path | None = None, **overrides: object) -> ReplayShard:
+def make_shard(
+    tmp_path: Path | None = None, restarted: bool = False, **overrides: object
+) -> ReplayShard:
     fields: dict[str, object] = {
         "num_shards": 1,
         "chunk_steps": CHUNK,
         "min_size_to_sample": CHUNK,
         "replay_ratio": None,
-        "rate_limit_timeout_s": 5.0,
+        "rate_limit_timeout_s": 60.0,  # reached only by a real hang
         **overrides,
     }
-    return ReplayShard(ReplayConfig(**fields), batch_size=8, snapshot_dir=tmp_path)  # type: ignore[arg-type]
+    config = ReplayConfig(**fields)
+    return ReplayShard(config, batch_size=8, snapshot_dir=tmp_path, restarted=restarted)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; only a real hang reaches the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def contents(shard: ReplayShard) -> list[bytes]:
@@ -93,19 +107,20 @@ def test_learner_waits_while_ahead_and_resumes_after_inserts() -> None:
 
     thread = threading.Thread(target=learner)
     thread.start()
-    time.sleep(0.3)
+    wait_until(lambda: shard.stats()["waiting_samples"] == 1, "the learner to wait")
     assert got == []  # nothing inserted yet: the learner waits
     for payload in data[:2]:
         shard.insert(payload)
-    time.sleep(0.3)
-    # ratio 1: sampled <= (inserted - min) + tolerance = (32 - 16) + 16 = 32
-    assert len(got) * 8 <= 32
+    # ratio 1: sampled <= (inserted - min) + tolerance = (32 - 16) + 16 = 32, so
+    # the learner takes 4 samples and then waits again
+    wait_until(lambda: len(got) == 4 and shard.stats()["waiting_samples"] == 1, "4 samples")
+    assert len(got) == 4
     for payload in data[2:]:
         shard.insert(payload)
-    thread.join(timeout=10)
+    thread.join(timeout=60)
     assert not thread.is_alive() and len(got) == 8
     stats = shard.stats()
-    assert stats["sample_wait_s_total"] > 0.2
+    assert stats["sample_wait_s_total"] > 0 and stats["waiting_samples"] == 0
     assert stats["rate_limiter_sampled"] <= (stats["rate_limiter_inserted"] - CHUNK) + 16
 
 
@@ -122,14 +137,16 @@ def test_workers_wait_while_ahead_and_resume_after_samples() -> None:
 
     thread = threading.Thread(target=worker)
     thread.start()
-    assert not done.wait(0.3), "insert should wait for the learner"
+    wait_until(lambda: shard.stats()["waiting_inserts"] == 1, "the insert to wait")
+    assert not done.is_set(), "insert should wait for the learner"
     assert shard.size() == 2 * CHUNK
     shard.sample(8)
     shard.sample(8)  # debt back to 0: room for one chunk
-    assert done.wait(5)
+    assert done.wait(60)
     thread.join()
     assert shard.size() == 3 * CHUNK
-    assert shard.stats()["insert_wait_s_total"] > 0.2
+    stats = shard.stats()
+    assert stats["insert_wait_s_total"] > 0 and stats["waiting_inserts"] == 0
 
 
 def test_a_blocked_call_times_out_instead_of_hanging() -> None:
@@ -144,7 +161,7 @@ def test_a_blocked_call_times_out_instead_of_hanging() -> None:
 
     thread = threading.Thread(target=learner)
     thread.start()
-    thread.join(timeout=10)
+    thread.join(timeout=60)
     assert not thread.is_alive(), "sample hung"
     assert len(outcome) == 1 and isinstance(outcome[0], RateLimiterTimeout)
     assert "sample waited" in str(outcome[0]) and "inserted=0" in str(outcome[0])
@@ -255,7 +272,7 @@ def test_concurrent_inserts_and_samples_never_see_partial_or_evicted_data() -> N
         shard.insert(payload)
         assert shard.size() <= 3 * CHUNK
     stop.set()
-    thread.join(timeout=10)
+    thread.join(timeout=60)
     assert not errors, errors
     assert seen_versions <= set(range(30))
     assert shard.stats()["evicted_chunks"] == 27
@@ -267,10 +284,132 @@ def test_releasing_the_rate_limit_wakes_a_blocked_insert() -> None:
     shard.insert(data[0])
     shard.insert(data[1])  # the next insert must wait for samples...
     done = threading.Event()
-    thread = threading.Thread(target=lambda: (shard.insert(data[2]), done.set()))
+
+    def worker() -> None:
+        shard.insert(data[2])
+        done.set()
+
+    thread = threading.Thread(target=worker)
     thread.start()
-    assert not done.wait(0.3)
+    wait_until(lambda: shard.stats()["waiting_inserts"] == 1, "the insert to wait")
+    assert not done.is_set()
     shard.release_rate_limit()  # ...unless collection is over
-    assert done.wait(5)
+    assert done.wait(60)
     thread.join()
     assert shard.size() == 3 * CHUNK
+
+
+# ------------------------------------------------------------ bad input and counting
+@pytest.mark.parametrize(
+    "payload",
+    ["a str", None, 7, np.zeros((4, 100), np.uint8)[:, ::3]],
+    ids=["str", "None", "int", "strided_array"],
+)
+def test_a_payload_that_is_not_bytes_is_rejected_and_counted(payload: object) -> None:
+    shard = make_shard()
+    with pytest.raises(CodecError, match="payload"):
+        shard.insert(payload)  # type: ignore[arg-type]
+    assert shard.stats()["rejected_payloads"] == 1 and shard.size() == 0
+    shard.insert(payloads(1)[0])  # and the shard still works
+    assert shard.size() == CHUNK
+
+
+def test_a_chunk_with_rewards_beyond_the_codec_limit_is_rejected_and_counted() -> None:
+    shard = make_shard(n_step=3)
+    rng = np.random.default_rng(1)
+    transitions = SyntheticEpisode(rng, 0, CHUNK, "truncated", 0).transitions()
+    chunk = dataclasses.replace(
+        Chunk.from_transitions(transitions),
+        rewards=np.full(CHUNK, np.finfo(np.float32).max, np.float32),
+    )
+    with pytest.raises(CodecError, match="MAX_ABS_REWARD"):
+        shard.insert(pack(compress_unchecked(chunk)))
+    assert shard.stats()["rejected_payloads"] == 1 and shard.size() == 0
+
+
+def compress_unchecked(chunk: Chunk) -> CompressedChunk:
+    """``compress`` without its validation: what a buggy or hostile worker could send."""
+    valid = compress(dataclasses.replace(chunk, rewards=np.zeros_like(chunk.rewards)))
+    return dataclasses.replace(valid, rewards=chunk.rewards)
+
+
+STATS_KEYS = {
+    "shard",
+    "pid",
+    "size",
+    "chunks",
+    "bytes_held",
+    "bytes_per_transition",
+    "compression_ratio",
+    "capacity_transitions",
+    "capacity_bytes",
+    "inserted_transitions",
+    "inserted_chunks",
+    "sampled_transitions",
+    "evicted_chunks",
+    "evicted_transitions",
+    "stale_priority_updates",
+    "rejected_payloads",
+    "insert_wait_s_total",
+    "sample_wait_s_total",
+    "insert_timeouts",
+    "sample_timeouts",
+    "snapshots_written",
+    "restarts",
+    "waiting_inserts",
+    "waiting_samples",
+    "restarted",
+    "rate_limiter_inserted",
+    "rate_limiter_sampled",
+    "rate_limiter_debt",
+    "policy_version",
+    "restored_from",
+}
+
+
+def test_stats_has_exactly_the_documented_keys() -> None:
+    # The driver and the Prometheus exporter read these; ReplayShard.stats documents them.
+    stats = make_shard().stats()
+    assert set(stats) == STATS_KEYS
+    documented = ReplayShard.stats.__doc__ or ""
+    assert all(f"``{key}``" in documented for key in STATS_KEYS), [
+        key for key in STATS_KEYS if f"``{key}``" not in documented
+    ]
+    json.dumps(stats)  # JSON-able, for summary.json
+
+
+def test_inserted_transitions_are_cumulative_over_restores(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path)
+    data = payloads(5)
+    for payload in data[:2]:
+        shard.insert(payload)
+    shard.save()
+    shard.insert(data[2])  # acknowledged, then lost with the process: never snapshotted
+    restored = make_shard(tmp_path, restarted=True)
+    assert restored.stats()["inserted_transitions"] == 2 * CHUNK
+    for payload in data[3:]:
+        restored.insert(payload)
+    stats = restored.stats()
+    assert stats["inserted_transitions"] == 4 * CHUNK and stats["size"] == 4 * CHUNK
+    # What the driver computes: pushed - rejected - inserted = the chunk the crash lost.
+    assert 5 * CHUNK - 0 - stats["inserted_transitions"] == CHUNK
+
+
+def test_restarts_are_counted_even_between_snapshots(tmp_path: Path) -> None:
+    first = make_shard(tmp_path)
+    first.insert(payloads(1)[0])
+    first.save()
+    assert first.stats()["restarts"] == 0 and first.stats()["restarted"] is False
+    # Ray restarts the shard twice before it writes another snapshot: the
+    # snapshot still says 0 restarts, restarts.json says how many there were.
+    second = make_shard(tmp_path, restarted=True)
+    assert second.stats()["restarts"] == 1 and second.stats()["restarted"] is True
+    third = make_shard(tmp_path, restarted=True)
+    assert third.stats()["restarts"] == 2
+    third.save()  # the count also goes into the snapshot
+    fourth = make_shard(tmp_path, restarted=True)
+    assert fourth.stats()["restarts"] == 3 and fourth.stats()["size"] == CHUNK
+    # A shard started afresh on the same directory (a resumed run) keeps the count.
+    assert make_shard(tmp_path).stats()["restarts"] == 3
+    # Without a snapshot directory only this restart is known.
+    assert make_shard(None, restarted=True).stats()["restarts"] == 1

@@ -3,10 +3,12 @@ eviction, capacity, prioritized sampling."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from buffer_service.codec import Chunk, compress
+from buffer_service.codec import MAX_ABS_REWARD, Chunk, compress
 from buffer_service.storage import CapacityError, ReplayStorage, nstep_targets
 from buffer_service.synthetic import SyntheticEpisode, chunked
 from td3drive.spec import Transition
@@ -85,7 +87,7 @@ def test_samples_equal_the_naive_reference(n_step: int) -> None:
 
 
 def test_nstep_by_hand() -> None:
-    rewards = np.float32([1, 2, 3, 4])
+    rewards = np.array([1, 2, 3, 4], np.float32)
     reward, discount, k = nstep_targets(rewards, terminated_at_end=True, n=3, gamma=0.5)
     np.testing.assert_allclose(reward, [1 + 1 + 0.75, 2 + 1.5 + 1, 3 + 2, 4])
     np.testing.assert_allclose(discount, [0.125, 0, 0, 0])  # terminal inside the window
@@ -98,6 +100,41 @@ def test_nstep_by_hand() -> None:
     reward, discount, _ = nstep_targets(rewards, terminated_at_end=True, n=1, gamma=0.5)
     np.testing.assert_allclose(reward, rewards)
     np.testing.assert_allclose(discount, [0.5, 0.5, 0.5, 0])
+
+
+def test_nstep_returns_of_extreme_finite_rewards_never_overflow_float32() -> None:
+    # Three rewards near float32's maximum: their float32 sum is inf, and an
+    # inf reward in a batch poisons the critic. The codec refuses such rewards
+    # (test_codec), so only a chunk that bypassed it can carry them; the
+    # storage still keeps the return finite.
+    big = np.finfo(np.float32).max
+    rewards = np.array([big, big, big, -big, -big, -big, 1.0], np.float32)
+    with np.errstate(over="ignore"):
+        assert np.isinf(rewards[:3].sum(dtype=np.float32))  # the overflow this guards against
+    reward, discount, _ = nstep_targets(rewards, terminated_at_end=False, n=3, gamma=0.99)
+    assert np.isfinite(reward).all() and reward.dtype == np.float32
+    assert reward[0] == big and reward[3] == -big  # clipped at float32's range
+    assert np.isfinite(discount).all()
+
+
+def test_nstep_returns_at_the_codec_reward_limit_are_exact() -> None:
+    limit = MAX_ABS_REWARD
+    rewards = np.array([limit, limit, -limit, limit], np.float32)
+    reward, _, _ = nstep_targets(rewards, terminated_at_end=True, n=3, gamma=0.5)
+    np.testing.assert_allclose(reward, np.array([1.25, 0.75, -0.5, 1.0]) * limit)
+
+
+def test_a_chunk_of_extreme_rewards_samples_finite_returns() -> None:
+    # Through the storage's insert and sample, with n = 3, as a shard does.
+    rng = np.random.default_rng(5)
+    chunk = Chunk.from_transitions(SyntheticEpisode(rng, 0, 8, "truncated").transitions())
+    extreme = np.full(8, np.finfo(np.float32).max, np.float32)
+    compressed = dataclasses.replace(compress(chunk), rewards=extreme)
+    storage = ReplayStorage(100, 10**9, n_step=3, gamma=0.99, seed=0)
+    storage.insert(compressed)
+    batch = storage.sample(64).batch
+    assert np.isfinite(batch.reward).all()
+    batch.validate()
 
 
 def test_terminated_sample_does_not_bootstrap_truncated_does() -> None:

@@ -13,7 +13,7 @@ import rollout_workers
 from buffer_service.ray_actor import remote_shard_class
 from learner.td3 import TD3Learner
 from rollout_workers.ray_actor import remote_weights_board_class, remote_worker_class
-from td3drive.config import config_from_dict
+from td3drive.config import TD3DriveConfig, config_from_dict
 
 CHUNK = 16
 
@@ -25,7 +25,7 @@ def ray_instance() -> Iterator[None]:
     ray.shutdown()
 
 
-def run_config(**rollout: object):  # type: ignore[no-untyped-def]
+def run_config(**rollout: object) -> TD3DriveConfig:
     return config_from_dict(
         {
             "learner": {

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import rollout_workers
-from buffer_service.codec import decode
+from buffer_service.codec import Chunk, decode
 from learner.td3 import TD3Learner
-from rollout_workers.worker import EnvironmentFailure, RolloutWorker
+from rollout_workers.worker import (
+    EnvironmentFailure,
+    EnvironmentSpecError,
+    RolloutWorker,
+    WeightsSource,
+)
 from td3drive.config import LearnerConfig, RolloutConfig
 
 LEARNER = LearnerConfig(
@@ -20,10 +26,12 @@ LEARNER = LearnerConfig(
 CHUNK = 16
 
 
-def make_worker(pushed: list[bytes], weights=None, **rollout: object) -> RolloutWorker:  # type: ignore[no-untyped-def]
-    fields: dict[str, object] = {"warmup_steps": 20, "weights_poll_steps": 8, **rollout}
+def make_worker(
+    pushed: list[bytes], weights: WeightsSource | None = None, **rollout: Any
+) -> RolloutWorker:
+    fields: dict[str, Any] = {"warmup_steps": 20, "weights_poll_steps": 8, **rollout}
     return RolloutWorker(
-        rollout=RolloutConfig(**fields),  # type: ignore[arg-type]
+        rollout=RolloutConfig(**fields),
         chunk_steps=CHUNK,
         learner=LEARNER,
         push=pushed.append,
@@ -31,7 +39,7 @@ def make_worker(pushed: list[bytes], weights=None, **rollout: object) -> Rollout
     )
 
 
-def decoded(pushed: list[bytes]) -> list:  # type: ignore[type-arg]
+def decoded(pushed: list[bytes]) -> list[Chunk]:
     return [decode(p).decompress() for p in pushed]
 
 
@@ -60,7 +68,7 @@ def test_warmup_is_uniform_with_forward_bias_then_policy_plus_noise() -> None:
     version, weights = learner.policy_weights()
     worker = make_worker(
         pushed,
-        weights=lambda v: (version, weights) if v < version else None,
+        weights=lambda g, v: (0, version, weights) if v < version else None,
         warmup_steps=40,
         warmup_throttle_min=0.0,
         exploration_noise=0.1,
@@ -74,11 +82,9 @@ def test_warmup_is_uniform_with_forward_bias_then_policy_plus_noise() -> None:
     # After warm-up: the deterministic policy plus N(0, 0.1) noise.
     chunks = decoded(pushed)
     steps = [(c, t) for c in chunks for t in range(c.num_steps)][40:]
-    deviations = []
-    for chunk, t in steps:
-        mean = worker.policy_action(chunk.obs(t))
-        deviations.append(chunk.actions[t] - mean)
-    deviations = np.asarray(deviations)
+    deviations = np.asarray(
+        [chunk.actions[t] - worker.policy_action(chunk.obs(t)) for chunk, t in steps]
+    )
     assert 0.05 < deviations.std() < 0.2
     assert np.abs(deviations.mean()) < 0.05
 
@@ -86,11 +92,11 @@ def test_warmup_is_uniform_with_forward_bias_then_policy_plus_noise() -> None:
 def test_new_weights_are_loaded_and_tag_transitions() -> None:
     pushed: list[bytes] = []
     learner = TD3Learner(LEARNER)
-    board: dict[str, object] = {}
+    board: dict[str, Any] = {}
 
-    def source(held: int):  # type: ignore[no-untyped-def]
-        if "weights" in board and board["version"] > held:  # type: ignore[operator]
-            return board["version"], board["weights"]
+    def source(generation: int, held: int) -> tuple[int, int, Any] | None:
+        if "weights" in board and board["version"] > held:
+            return 0, board["version"], board["weights"]
         return None
 
     worker = make_worker(pushed, weights=source, warmup_steps=0)
@@ -138,14 +144,17 @@ def test_an_environment_that_always_fails_stops_the_worker() -> None:
 
 
 def test_an_environment_with_other_spaces_is_refused() -> None:
-    with pytest.raises(ValueError, match="observation space"):
+    with pytest.raises(EnvironmentSpecError, match="observation space"):
         make_worker([], env_id="CartPole-v1")
 
 
 def test_each_worker_gets_its_own_carla_server_ports() -> None:
     from rollout_workers.worker import worker_env_kwargs
 
-    base = {"carla": {"host": "h", "port": 2000, "tm_port": 8000, "seed": 5}, "other": 1}
+    base: dict[str, Any] = {
+        "carla": {"host": "h", "port": 2000, "tm_port": 8000, "seed": 5},
+        "other": 1,
+    }
     second = worker_env_kwargs(base, 2)
     assert (second["carla"]["port"], second["carla"]["tm_port"], second["carla"]["seed"]) == (
         2006,

@@ -400,7 +400,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         TrainingRun(config, run_dir, log_line=lambda _: None).run()
     assert "last good checkpoint" in str(error.value)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"].startswith("failed: non-finite")
+    assert summary["status"] == "failed" and summary["error"].startswith("non-finite")
     kept = TD3Learner.from_checkpoint(run_dir / LEARNER_CHECKPOINT)
     assert kept.updates == 0  # saved before the divergence, never after it
     assert all(torch.isfinite(p).all() for p in kept.actor.parameters())
