@@ -245,7 +245,32 @@ class TrainingRun:
                 if key in Progress.__dataclass_fields__ and key != "recent":
                     setattr(self.progress, key, value)
             self._last_checkpoint_updates = self.progress.learner_updates
+            self._forget_after_checkpoint()
         self.progress.launches += 1
+
+    def _before_checkpoint(self, line: str) -> bool:
+        record = json.loads(line)
+        return bool(
+            record.get("env_steps", 0) <= self.progress.env_steps
+            and record.get("learner_updates", 0) <= self.progress.learner_updates
+        )
+
+    def _forget_after_checkpoint(self) -> None:
+        """On resume, drop the ``metrics.jsonl``/``eval.jsonl`` lines written
+        after the last checkpoint (a driver killed without saving): the run
+        goes on from the checkpoint, so its curves never go backwards."""
+        for name in (METRICS_FILE, EVAL_FILE):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and self._before_checkpoint(line)]
+            if len(kept) < len(lines):
+                atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+                self.log_line(
+                    f"{name}: dropped {len(lines) - len(kept)} lines written after the last "
+                    f"checkpoint ({self.progress.env_steps} env steps)"
+                )
 
     def reserved_cpus(self) -> float:
         """CPUs this run's actors reserve: workers, shards, the learner (the
@@ -471,6 +496,7 @@ class TrainingRun:
             self.log_line(f"Prometheus metrics on :{self._endpoint.port}/metrics")
         self.metrics.set_status("running")
         status = "failed"
+        failure: str | None = None
         previous_handlers: dict[int, Any] = {}
         try:
             self._prepare_dir()
@@ -492,6 +518,9 @@ class TrainingRun:
                     self._stop_signal,
                 )
             return summary
+        except TrainingError as exc:
+            failure = str(exc)
+            raise
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
@@ -499,9 +528,11 @@ class TrainingRun:
             if self._endpoint is not None:
                 linger = self.config.run.metrics_linger_s
                 if linger:
+                    # Said now: a stop during the linger ends the process.
+                    ending = f"{status}: {failure}" if failure else status
                     self.log_line(
-                        f"metrics endpoint stays up {linger:g} s for the last scrape "
-                        f"(run.metrics_linger_s)"
+                        f"run {ending}; the metrics endpoint stays up {linger:g} s for the "
+                        f"last scrape (run.metrics_linger_s)"
                     )
                 self._endpoint.close(linger_s=linger)
 

@@ -293,3 +293,47 @@ def test_a_run_larger_than_the_cluster_says_what_is_short(
     with pytest.raises(TrainingError, match=r"8.5 CPUs .* the Ray cluster has 2"):
         run.run()
     assert not hasattr(run, "workers")  # nothing was started
+
+
+def test_a_sigkilled_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """Nothing can be saved when the driver itself is killed: ``--resume``
+    continues from the last checkpoint, and the lines written after it leave
+    ``metrics.jsonl`` so the curves never go backwards."""
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            tiny_config(run={"total_env_steps": 1_000_000, "checkpoint_every_updates": 20})
+        )
+    )
+    driver = _train(["--config", str(config), "--run-dir", str(run_dir)], tmp_path / "1.log")
+    state_path = run_dir / STATE_FILE
+
+    def checkpointed_with_updates() -> bool:
+        assert driver.poll() is None, (tmp_path / "1.log").read_text()
+        return state_path.exists() and json.loads(state_path.read_text())["learner_updates"] > 0
+
+    wait_until(checkpointed_with_updates, "a checkpoint after some updates")
+    saved_before = json.loads(state_path.read_text())["env_steps"]
+    wait_until(
+        lambda: any(line["env_steps"] > saved_before for line in _metrics_lines(run_dir)),
+        "progress after the checkpoint",
+    )
+    driver.kill()  # SIGKILL: no handler runs
+    assert driver.wait(timeout=HANG_S) == -signal.SIGKILL
+    saved = json.loads(state_path.read_text())
+    assert not (run_dir / "summary.json").exists()
+    after_checkpoint = any(
+        line["env_steps"] > saved["env_steps"] for line in _metrics_lines(run_dir)
+    )
+
+    budget = saved["env_steps"] + 200
+    resumed = _train(
+        ["--resume", str(run_dir), "--total-env-steps", str(budget)], tmp_path / "2.log"
+    )
+    assert resumed.wait(timeout=HANG_S) == 0, (tmp_path / "2.log").read_text()
+    done = json.loads((run_dir / "summary.json").read_text())
+    assert done["status"] == "completed" and done["env_steps"] >= budget
+    if after_checkpoint:  # (a checkpoint may have landed just before the kill)
+        assert "dropped" in (tmp_path / "2.log").read_text()
+    monotone(run_dir, "env_steps", "learner_updates", "episodes", "time_s")

@@ -207,13 +207,20 @@ def _query(prometheus: str, expression: str) -> float | None:
     return float(results[0]["value"][1]) if results else None
 
 
-def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
+def _prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("CI must provide the Debian prometheus package (.ci/run installs it)")
         pytest.skip("the prometheus server is not installed (apt-get install prometheus)")
-    metrics_port, web_port = free_port(), free_port()
+    return binary
+
+
+def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """A real Prometheus scraping ``127.0.0.1:metrics_port`` every second;
+    returns the process and its base URL."""
+    binary = _prometheus_binary()
+    web_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         yaml.safe_dump(
             {
@@ -227,12 +234,24 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
             }
         )
     )
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(
-        yaml.safe_dump(tiny_config(run={"metrics_port": metrics_port, "total_env_steps": 1500}))
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    return server, f"http://127.0.0.1:{web_port}"
+
+
+def _train_process(tmp_path: Path, config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     train_log = (tmp_path / "train.log").open("w")  # a pipe nobody reads could fill up
-    train = subprocess.Popen(
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -246,17 +265,18 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=train_log,
     )
-    server = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+
+
+def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
+    _prometheus_binary()
+    metrics_port = free_port()
+    train = _train_process(
+        tmp_path,
+        tiny_config(
+            run={"metrics_port": metrics_port, "total_env_steps": 1500, "metrics_linger_s": 0}
+        ),
     )
-    prometheus = f"http://127.0.0.1:{web_port}"
+    server, prometheus = _start_prometheus(tmp_path, metrics_port)
     try:
         steps = updates = None
         deadline = time.monotonic() + 300
@@ -272,6 +292,7 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
         assert steps and steps > 0, "Prometheus never saw td3drive_env_steps_total > 0"
         assert updates and updates > 0, "Prometheus never saw td3drive_learner_updates_total > 0"
         assert _query(prometheus, 'up{job="td3drive"}') == 1.0
+        assert _query(prometheus, 'td3drive_run_status{status="running",run_id="run"}') == 1.0
         # The learner's diagnostics reach Prometheus too (set with the update count).
         saturation = _query(prometheus, "td3drive_learner_actor_saturation_ratio")
         assert saturation is not None and 0.0 <= saturation <= 1.0
@@ -280,7 +301,53 @@ def test_prometheus_scrapes_the_training_endpoint(tmp_path: Path) -> None:
         train.terminate()
         server.wait(timeout=30)
         train.wait(timeout=60)
-        train_log.close()
+
+
+def test_prometheus_sees_the_nan_gauge_of_a_nan_run(tmp_path: Path) -> None:
+    """The run stops on a NaN loss; its endpoint lingers with the NaN gauge
+    and ``status="failed"`` until Prometheus has scraped them."""
+    _prometheus_binary()
+    metrics_port = free_port()
+    server, prometheus = _start_prometheus(tmp_path, metrics_port)
+    train = _train_process(
+        tmp_path,
+        tiny_config(
+            learner={
+                "actor_lr": 1e30,
+                "critic_lr": 1e30,
+                "critic_max_grad_norm": None,
+                "actor_max_grad_norm": None,
+            },
+            run={
+                "metrics_port": metrics_port,
+                "metrics_linger_s": 600,  # ended below once Prometheus has seen it
+                "total_env_steps": 50_000,
+                "checkpoint_every_updates": 1000,
+            },
+        ),
+    )
+    try:
+        nan = failed = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and train.poll() is None:
+            time.sleep(1)
+            try:
+                nan = _query(prometheus, 'td3drive_learner_non_finite_loss{run_id="run"}')
+                failed = _query(prometheus, 'td3drive_run_status{status="failed",run_id="run"}')
+            except OSError:
+                continue  # Prometheus still starting
+            if nan == 1.0 and failed == 1.0:
+                break
+        log = (tmp_path / "train.log").read_text()
+        assert nan == 1.0 and failed == 1.0, f"Prometheus saw nan={nan} failed={failed}; {log}"
+        assert train.poll() is None  # still lingering: Prometheus saw it before the end
+        assert "non-finite" in log
+    finally:
+        server.terminate()
+        train.terminate()  # ends the linger
+        server.wait(timeout=30)
+        code = train.wait(timeout=120)
+    assert code != 0
 
 
 # ------------------------------------------------------------ faults (in-process)
