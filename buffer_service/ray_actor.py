@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,9 @@ class ReplayShard(_shard.ReplayShard):
         snapshot_dir: str | Path | None = None,
         seed: int = 0,
     ) -> None:
-        restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         super().__init__(config, batch_size, shard_index, snapshot_dir, seed, restarted=restarted)
 
     @_in_group("insert")

@@ -24,8 +24,8 @@ from buffer_service.codec import CodecError, decode
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
 from buffer_service.storage import ReplayStorage, SampledBatch
-from td3drive.atomic_file import atomic_write
 from td3drive.config import ReplayConfig
+from td3drive.storage import RunStorage
 
 RESTARTS_FILE = "restarts.json"
 """Written in the snapshot directory each time a shard comes back from a crash,
@@ -41,8 +41,12 @@ class ReplayShard:
         batch_size: the learner's batch size: the largest sample asked of
             one shard (sizes the rate limiter's deadlock-free tolerance).
         shard_index: this shard's index, for messages and stats.
-        snapshot_dir: where :meth:`save` writes; when it holds a complete
-            snapshot the shard starts from it.
+        snapshot_dir: where :meth:`save` writes: a local path or a URI
+            (``s3://``, ``gs://``, ``file://``; :class:`td3drive.storage.RunStorage`).
+            When it holds a complete snapshot the shard starts from it. As a
+            Ray actor the shard needs an absolute path or a URI (the driver
+            passes one): a relative path is relative to this process's
+            working directory.
         seed: sampling seed (offset by ``shard_index``).
         restarted: this process replaces one that died (the Ray wrapper passes
             ``was_current_actor_reconstructed``); counted in ``restarts``.
@@ -64,7 +68,9 @@ class ReplayShard:
     ) -> None:
         self.config = config
         self.shard_index = shard_index
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        # The snapshot directory's storage, and its location (absolute path or URI).
+        self._snapshots = RunStorage(snapshot_dir) if snapshot_dir is not None else None
+        self.snapshot_dir = self._snapshots.display if self._snapshots is not None else None
         self._storage = ReplayStorage(
             capacity_transitions=config.per_shard(config.capacity_transitions),
             capacity_bytes=config.per_shard(config.capacity_bytes),
@@ -97,8 +103,8 @@ class ReplayShard:
         self._waiting = {"insert": 0, "sample": 0}
         self.restarted = restarted
         self.restored_from: str | None = None
-        if self.snapshot_dir is not None:
-            self.restore(self.snapshot_dir)
+        if self._snapshots is not None:
+            self._restore(self._snapshots)
         self._load_restart_count()
         if restarted:
             self._counters["restarts"] += 1
@@ -109,22 +115,21 @@ class ReplayShard:
         :data:`RESTARTS_FILE`, which is newer when the shard died again before
         its next snapshot. Without a snapshot directory the count of earlier
         processes is lost (a restarted shard then counts 1)."""
-        if self.snapshot_dir is None:
+        if self._snapshots is None:
             return
-        path = self.snapshot_dir / RESTARTS_FILE
         # No file (never restarted) or a damaged one: the snapshot's count stands.
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            saved = int(json.loads(path.read_text())["restarts"])
+            saved = int(json.loads(self._snapshots.read_text(RESTARTS_FILE))["restarts"])
             self._counters["restarts"] = max(self._counters["restarts"], saved)
 
     def _save_restart_count(self) -> None:
         """Persist the restart count; a failed write (e.g. a full disk) must not
         stop the shard from starting: the count then lives until the next
         snapshot in memory only."""
-        if self.snapshot_dir is not None:
-            text = json.dumps({"restarts": self._counters["restarts"]}).encode() + b"\n"
+        if self._snapshots is not None:
+            text = json.dumps({"restarts": self._counters["restarts"]}) + "\n"
             with contextlib.suppress(OSError):
-                atomic_write(self.snapshot_dir / RESTARTS_FILE, lambda handle: handle.write(text))
+                self._snapshots.write_text(RESTARTS_FILE, text)
 
     # ------------------------------------------------------------ writing
     def insert(self, payload: bytes) -> dict[str, int]:
@@ -283,15 +288,20 @@ class ReplayShard:
         """Write a snapshot atomically; inserts and samples wait only while
         the chunk list and counters are copied, not while the file is written.
 
+        Args:
+            directory: where to write (a path or a URI); ``None`` = the
+                shard's ``snapshot_dir``.
+
         Returns:
-            The snapshot's data file path.
+            The snapshot's data file location (absolute path or URI).
 
         Raises:
             ValueError: no directory given and none configured.
-            OSError: the write failed; the previous snapshot is intact.
+            OSError: (:class:`td3drive.storage.StorageError`) the write failed;
+                the previous snapshot is intact.
         """
-        directory = Path(directory) if directory is not None else self.snapshot_dir
-        if directory is None:
+        storage = RunStorage(directory) if directory is not None else self._snapshots
+        if storage is None:
             raise ValueError("save() needs a directory (none was configured)")
         with self._cond:
             state = SnapshotState(
@@ -307,21 +317,26 @@ class ReplayShard:
                 chunks=self._storage.chunks(),
                 priorities=self._storage.priorities_of_live(),
             )
-        path = write_snapshot(directory, state)
+        path = write_snapshot(storage, state)
         with self._cond:
             self._counters["snapshots_written"] += 1
-        return str(path)
+        return path
 
     def restore(self, directory: str | Path) -> bool:
-        """Load the newest complete snapshot in ``directory``, if any.
+        """Load the newest complete snapshot in ``directory`` (a path or a
+        URI), if any.
 
         Returns:
             Whether a snapshot was loaded.
 
         Raises:
             buffer_service.snapshot.SnapshotError: a damaged snapshot.
+            td3drive.storage.StorageError: the storage cannot be reached.
         """
-        found = read_latest(directory)
+        return self._restore(RunStorage(directory))
+
+    def _restore(self, storage: RunStorage) -> bool:
+        found = read_latest(storage)
         if found is None:
             return False
         path, state = found
@@ -337,6 +352,6 @@ class ReplayShard:
             self._limiter.load_state(header["rate_limiter"])
             self.policy_version = int(header["policy_version"])
             self._counters.update(header["counters"])
-            self.restored_from = str(path)
+            self.restored_from = path
             self._cond.notify_all()
         return True

@@ -1,6 +1,8 @@
-"""Atomic shard snapshots on disk, no pickle.
+"""Atomic shard snapshots on the run's storage, no pickle.
 
-A snapshot is a pair of files in the shard's directory:
+The shard's directory is a :class:`td3drive.storage.RunStorage` location: a
+local or shared filesystem path, or a URI (``s3://``, ``gs://``, ``file://``)
+that every node reaches. A snapshot is a pair of files in it:
 
 * ``snapshot-<seq>.td3r``: magic ``b"TD3RSNAP"``, a u32-length-prefixed JSON
   header (counters, ids, rate-limiter state), one u64-length-prefixed codec
@@ -9,11 +11,13 @@ A snapshot is a pair of files in the shard's directory:
 * ``snapshot-<seq>.done``: JSON ``{"bytes": ..., "crc32": ...}`` of the data
   file, written last.
 
-Writing goes to a temp file, is fsynced and renamed, then the done marker is
-written the same way; only then are older snapshots removed. A crash at any
-point leaves the previous complete snapshot in place, and :func:`read_latest`
-ignores a data file without a matching done marker. Reading decodes every
-chunk through the codec, so a damaged snapshot is rejected, not half-loaded.
+Writing is atomic per file (:meth:`td3drive.storage.RunStorage.write_with`:
+temp file, fsync and rename on a local filesystem; one upload on an object
+store, the snapshot built in memory first), data file first, then the done
+marker; only then are older snapshots removed. A crash at any point leaves
+the previous complete snapshot in place, and :func:`read_latest` ignores a
+data file without a matching done marker. Reading decodes every chunk
+through the codec, so a damaged snapshot is rejected, not half-loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from buffer_service.codec import CodecError, CompressedChunk, decode, pack
-from td3drive.atomic_file import atomic_write
+from td3drive.storage import RunStorage
 
 MAGIC = b"TD3RSNAP"
 FORMAT_VERSION = 1
@@ -56,21 +60,30 @@ class SnapshotState:
     priorities: np.ndarray | None
 
 
-def write_snapshot(directory: str | Path, state: SnapshotState) -> Path:
+def _storage(directory: str | Path | RunStorage) -> RunStorage:
+    return directory if isinstance(directory, RunStorage) else RunStorage(directory)
+
+
+def write_snapshot(directory: str | Path | RunStorage, state: SnapshotState) -> str:
     """Write ``state`` as the next snapshot in ``directory`` and remove older ones.
 
+    Args:
+        directory: the shard's snapshot directory: a local path (relative to
+            this process's working directory), a URI, or a storage.
+
     Returns:
-        The data file's path.
+        The data file's location (an absolute path or a URI).
 
     Raises:
-        OSError: the directory is not writable or the disk is full; the
+        OSError: (a :class:`td3drive.storage.StorageError`) the directory is
+            not writable, the disk is full, the storage is unreachable; the
             previous snapshot is intact and no partial file is left behind.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    existing = sorted(_snapshots(directory))
+    storage = _storage(directory)
+    storage.make_dirs()
+    existing = sorted(_snapshots(storage))
     seq = existing[-1][0] + 1 if existing else 1
-    data_path = directory / f"snapshot-{seq:08d}.td3r"
+    data_name = f"snapshot-{seq:08d}.td3r"
     header = dict(state.header)
     header["format_version"] = FORMAT_VERSION
     header["first_ids"] = [first_id for first_id, _ in state.chunks]
@@ -86,14 +99,17 @@ def write_snapshot(directory: str | Path, state: SnapshotState) -> Path:
         marker["bytes"], marker["crc32"] = size, crc
 
     marker: dict[str, int] = {}
-    atomic_write(data_path, write_data)
-    atomic_write(
-        data_path.with_suffix(".done"), lambda h: h.write(json.dumps(marker).encode() + b"\n")
-    )
+    location = storage.write_with(data_name, write_data)
+    storage.write_bytes(_done(data_name), json.dumps(marker).encode() + b"\n")
     for _, old in existing:
-        old.with_suffix(".done").unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
-    return data_path
+        storage.delete(_done(old))
+        storage.delete(old)
+    return location
+
+
+def _done(data_name: str) -> str:
+    """The done marker's name of a data file's name."""
+    return data_name.removesuffix(".td3r") + ".done"
 
 
 def _data_parts(header: dict[str, Any], state: SnapshotState) -> Iterator[bytes]:
@@ -107,33 +123,40 @@ def _data_parts(header: dict[str, Any], state: SnapshotState) -> Iterator[bytes]
         yield struct.pack("<Q", len(raw)) + raw
 
 
-def read_latest(directory: str | Path) -> tuple[Path, SnapshotState] | None:
+def read_latest(directory: str | Path | RunStorage) -> tuple[str, SnapshotState] | None:
     """The newest complete snapshot in ``directory``, or ``None`` if there is none.
 
     Snapshots without a done marker, or whose marker does not match the data
     (a crash mid-write), are skipped in favour of older complete ones.
 
+    Args:
+        directory: as for :func:`write_snapshot`.
+
+    Returns:
+        ``(data file location, state)`` or ``None``.
+
     Raises:
         SnapshotError: the newest complete-looking snapshot has a matching
             marker but does not parse (a bug or deliberate tampering).
+        td3drive.storage.StorageError: the storage cannot be reached or listed.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
+    storage = _storage(directory)
+    if not storage.is_dir():
         return None
-    for _, path in sorted(_snapshots(directory), reverse=True):
-        marker_path = path.with_suffix(".done")
+    for _, name in sorted(_snapshots(storage), reverse=True):
         try:
-            marker = json.loads(marker_path.read_text())
-            data = path.read_bytes()
+            marker = json.loads(storage.read_text(_done(name)))
+            data = storage.read_bytes(name)
         except (OSError, ValueError):
             continue
         if marker.get("bytes") != len(data) or marker.get("crc32") != zlib.crc32(data):
             continue
-        return path, _parse(path, data)
+        location = storage.path(name)
+        return location, _parse(location, data)
     return None
 
 
-def _parse(path: Path, data: bytes) -> SnapshotState:
+def _parse(path: str, data: bytes) -> SnapshotState:
     view = memoryview(data)
     try:
         if bytes(view[:8]) != MAGIC:
@@ -163,8 +186,9 @@ def _parse(path: Path, data: bytes) -> SnapshotState:
     return SnapshotState(header=header, chunks=chunks, priorities=priorities)
 
 
-def _snapshots(directory: Path) -> Iterator[tuple[int, Path]]:
-    for path in directory.iterdir():
-        match = _NAME.match(path.name)
+def _snapshots(storage: RunStorage) -> Iterator[tuple[int, str]]:
+    """``(sequence number, data file name)`` of the snapshots in ``storage``."""
+    for name in storage.list():
+        match = _NAME.match(name)
         if match:
-            yield int(match.group(1)), path
+            yield int(match.group(1)), name

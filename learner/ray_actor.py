@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from buffer_service.ray_actor import ReplaySampler
 from learner.td3 import CheckpointError, TD3Learner
 from td3drive import metric_names as M
 from td3drive.config import TD3DriveConfig, config_from_dict
+from td3drive.storage import RunStorage, require_absolute
 
 GRAD_KEYS = {
     "actor_preclip_max": M.ACTOR_GRAD_NORM_PRECLIP,
@@ -77,7 +77,10 @@ class LearnerActor:
         weights_board: the ``WeightsBoard`` actor handle.
         checkpoint_path: load this learner checkpoint when the file exists,
             under ``config.learner`` (changed non-architectural fields are
-            applied; :meth:`resume_changes` lists them).
+            applied; :meth:`resume_changes` lists them). An absolute path on
+            storage every node reaches, or a URI (``s3://``, ``gs://``,
+            ``file://``): never a relative path, which would be relative to
+            this actor's working directory, not the driver's.
         require_checkpoint: the checkpoint must exist (a learner rebuilt after
             a crash, or a resume): a missing file is an error, never a fresh start.
         generation: the learner's incarnation (0 for the first, the driver's
@@ -87,6 +90,8 @@ class LearnerActor:
         learner.td3.CheckpointError: the checkpoint does not fit the config
             (architecture fields named), is unreadable, or is missing while
             ``require_checkpoint`` is set.
+        td3drive.storage.StorageError: ``checkpoint_path`` is relative, or its
+            storage cannot be reached.
     """
 
     def __init__(
@@ -106,13 +111,19 @@ class LearnerActor:
         threads = config.run.learner_torch_threads or max(1, int(config.run.learner_num_cpus))
         torch.set_num_threads(threads)
         self.generation = generation
-        if checkpoint_path and Path(checkpoint_path).exists():
+        found = False
+        if checkpoint_path:
+            require_absolute(checkpoint_path, "the learner checkpoint")
+            storage, name = RunStorage.for_file(checkpoint_path)
+            found = storage.exists(name)
+        if checkpoint_path and found:
             self.learner = TD3Learner.from_checkpoint(checkpoint_path, config.learner)
             self.resumed_from: str | None = checkpoint_path
         elif require_checkpoint:
             raise CheckpointError(
                 f"learner checkpoint {checkpoint_path} not found; the learner cannot be rebuilt "
-                f"from it (is the run directory on storage every node can read?)"
+                f"from it (run.storage_path must be storage every node reaches: a shared "
+                f"filesystem mounted at the same path everywhere, or a URI such as s3://)"
             )
         else:
             self.learner = TD3Learner(config.learner)
@@ -255,8 +266,17 @@ class LearnerActor:
         return float(np.mean(self._lags)) if self._lags else None
 
     def save_checkpoint(self, path: str) -> str:
-        """Atomic checkpoint of the learner (networks, targets, optimizers, counters)."""
-        return str(self.learner.save_checkpoint(path))
+        """Atomic checkpoint of the learner (networks, targets, optimizers,
+        counters) at ``path``, an absolute path or a URI on the run's storage.
+
+        Returns:
+            The checkpoint's location.
+
+        Raises:
+            td3drive.storage.StorageError: a relative ``path``; the write failed
+                (any previous checkpoint is untouched).
+        """
+        return str(self.learner.save_checkpoint(require_absolute(path, "the learner checkpoint")))
 
     def policy_weights(self) -> tuple[int, dict[str, np.ndarray]]:
         return self.learner.policy_weights()

@@ -23,7 +23,9 @@ This module imports torch and the shared contracts only: no Ray.
 from __future__ import annotations
 
 import copy
+import io
 import math
+import os
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -47,9 +49,9 @@ from learner.networks import (
     read_only_tensor,
 )
 from td3drive import metric_names as M
-from td3drive.atomic_file import atomic_write
 from td3drive.config import LearnerConfig
 from td3drive.spec import Batch
+from td3drive.storage import RunStorage, StorageError, StorageNotFoundError, is_uri
 
 CHECKPOINT_FORMAT = "td3drive.learner/1"
 
@@ -691,13 +693,19 @@ class TD3Learner:
         # random stream of the run's start.
         self._generator.manual_seed((self.config.seed + (self.updates << 32)) % 2**64)
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` to ``path`` atomically (temp file in the
-        same directory, fsync, rename): a crash leaves the old file or the new
-        one, never half of one.
+    def save_checkpoint(self, path: str | Path) -> Path | str:
+        """Write :meth:`state_dict` to ``path`` atomically: a crash leaves the
+        old file or the new one, never half of one (:func:`atomic_torch_save`).
+
+        Args:
+            path: a local path or a URI (``s3://``, ``gs://``, ``file://``).
+
+        Returns:
+            ``path`` as a ``Path`` for a local path, the URI for a URI.
 
         Raises:
-            OSError: the directory is not writable or the disk is full; any
+            OSError: (:class:`td3drive.storage.StorageError`) the directory is
+                not writable, the disk is full, the storage is unreachable; any
                 previous checkpoint at ``path`` is untouched.
         """
         return atomic_torch_save(self.state_dict(), path)
@@ -807,13 +815,27 @@ def config_changes(saved: LearnerConfig, config: LearnerConfig) -> dict[str, tup
     }
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (:func:`td3drive.atomic_file.atomic_write`).
+def atomic_torch_save(obj: Any, path: str | Path) -> Path | str:
+    """``torch.save`` to ``path`` atomically, through the run's storage
+    (:meth:`td3drive.storage.RunStorage.write_with`): on a local filesystem
+    streamed to a temp file that is fsynced and renamed; on an object store
+    saved to memory (``io.BytesIO``) and uploaded in one piece.
+
+    Args:
+        obj: what ``torch.save`` takes.
+        path: a local path (relative to this process's working directory) or
+            a URI (``s3://``, ``gs://``, ``file://``).
+
+    Returns:
+        ``path`` as a ``Path`` for a local path, the URI for a URI.
 
     Raises:
-        OSError: on any write failure; an existing file at ``path`` is left as it was.
+        OSError: (:class:`td3drive.storage.StorageError`) on any write failure;
+            an existing file at ``path`` is left as it was.
     """
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
+    storage, name = RunStorage.for_file(path)
+    location = storage.write_with(name, lambda handle: torch.save(obj, handle))
+    return location if is_uri(os.fspath(path)) else Path(path)
 
 
 def load_checkpoint(
@@ -822,47 +844,91 @@ def load_checkpoint(
     """Load a checkpoint with ``weights_only=True`` (no code runs on load).
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file: a local path or a URI (``s3://``, ``gs://``,
+            ``file://``; a remote file is read into memory and loaded from
+            ``io.BytesIO``).
         map_location: where its tensors go (``"cpu"`` loads a CUDA checkpoint
             on a machine without a GPU).
-        mmap: map the file instead of reading it (tensors are read when used).
+        mmap: map a local file instead of reading it (tensors are read when
+            used); ignored for a remote file.
 
     Returns:
         The state dict of :meth:`TD3Learner.state_dict`, format and entries checked.
 
     Raises:
         CheckpointError: one line, never torch's own advice: ``no such
-            checkpoint``; ``empty file (0 bytes)``; ``truncated or corrupt``
-            (a torch zip archive that does not read back whole); ``not a
-            td3drive checkpoint (unreadable: <reason>)`` (anything else torch
-            cannot read with ``weights_only=True``); ``not a td3drive checkpoint
-            (<what it is>)``; ``incomplete td3drive checkpoint (missing: …)``.
+            checkpoint``; ``cannot read the checkpoint (<reason>)`` (permission
+            denied, storage unreachable); ``empty file (0 bytes)``; ``truncated
+            or corrupt`` (a torch zip archive that does not read back whole);
+            ``not a td3drive checkpoint (unreadable: <reason>)`` (anything else
+            torch cannot read with ``weights_only=True``); ``not a td3drive
+            checkpoint (<what it is>)``; ``incomplete td3drive checkpoint
+            (missing: …)``.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: no such checkpoint") from exc
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from exc
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if size == 0:
-        raise CheckpointError(f"{path}: not a td3drive checkpoint: empty file (0 bytes)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from exc
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise _unreadable(path, size, exc) from exc
-    _check_format(state, str(path))
+    name, source = _checkpoint_source(path)
+    state = _load_state(name, source, map_location, mmap)
+    _check_format(state, name)
     return state
+
+
+def _checkpoint_source(path: str | Path) -> tuple[str, Path | bytes]:
+    """``(name for messages, local file or the remote file's bytes)``.
+
+    Raises:
+        CheckpointError: a remote file that is missing or cannot be read.
+    """
+    if not is_uri(os.fspath(path)):
+        return str(Path(path)), Path(path)
+    text = os.fspath(path)
+    try:
+        storage, name = RunStorage.for_file(text)
+        if storage.local_path is not None:
+            return text, storage.local_path / name
+        if storage.is_dir(name):
+            raise CheckpointError(f"{text}: is a directory, not a checkpoint file")
+        return text, storage.read_bytes(name)
+    except StorageNotFoundError as exc:
+        raise CheckpointError(f"{text}: no such checkpoint") from exc
+    except StorageError as exc:
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(f"{text}: cannot read the checkpoint ({reason})") from exc
+
+
+def _load_state(
+    name: str, source: Path | bytes, map_location: str | torch.device, mmap: bool
+) -> Any:
+    """``torch.load(..., weights_only=True)`` of a local file or of bytes, with
+    one-line errors (see :func:`load_checkpoint`)."""
+    if isinstance(source, bytes):
+        if not source:
+            raise CheckpointError(f"{name}: not a td3drive checkpoint: empty file (0 bytes)")
+        try:
+            return torch.load(io.BytesIO(source), map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise _unreadable(name, source, exc) from exc
+    try:
+        size = source.stat().st_size
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{name}: no such checkpoint") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot read the checkpoint ({exc.strerror})") from exc
+    if source.is_dir():
+        raise CheckpointError(f"{name}: is a directory, not a checkpoint file")
+    if size == 0:
+        raise CheckpointError(f"{name}: not a td3drive checkpoint: empty file (0 bytes)")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot read the checkpoint ({exc.strerror})") from exc
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise _unreadable(name, source, exc) from exc
 
 
 def validate_checkpoint(path: str | Path, config: LearnerConfig | None = None) -> CheckpointInfo:
     """Check, before anything starts, that a checkpoint will load.
 
-    Loads the file on the CPU with ``weights_only=True``, checks the zip
+    ``path`` is a local path or a URI. Loads the file on the CPU with
+    ``weights_only=True``, checks the zip
     CRC of every entry, its format and entries, that its learner config
     validates and that its actor weights fit that config; with ``config``,
     also that the architecture matches (:func:`check_architecture`). Nothing
@@ -876,14 +942,16 @@ def validate_checkpoint(path: str | Path, config: LearnerConfig | None = None) -
         CheckpointError: as :func:`load_checkpoint` and :func:`check_architecture`;
             one line naming the file.
     """
-    state = load_checkpoint(path, map_location="cpu")
-    _check_crc(Path(path))
-    saved = _saved_config(state, str(path))
-    _actor_weights(state, saved, str(path))
+    name, source = _checkpoint_source(path)  # a remote file is read once
+    state = _load_state(name, source, "cpu", mmap=False)
+    _check_format(state, name)
+    _check_crc(name, source)
+    saved = _saved_config(state, name)
+    _actor_weights(state, saved, name)
     if config is not None:
-        check_architecture(saved, config, str(path))
+        check_architecture(saved, config, name)
     changes = config_changes(saved, config) if config is not None else {}
-    return CheckpointInfo(saved, _updates(state, str(path)), changes)
+    return CheckpointInfo(saved, _updates(state, name), changes)
 
 
 def load_policy_checkpoint(
@@ -892,11 +960,12 @@ def load_policy_checkpoint(
     """The policy (actor + its encoder) of a checkpoint, and nothing else.
 
     For evaluation: no learner is built, no optimizer or generator state is
-    touched, so a checkpoint saved on a GPU loads on a CPU-only machine. The
-    file is memory-mapped; only the actor's tensors are read.
+    touched, so a checkpoint saved on a GPU loads on a CPU-only machine. A
+    local file is memory-mapped (only the actor's tensors are read); a remote
+    one is read whole.
 
     Args:
-        path: a learner checkpoint.
+        path: a learner checkpoint: a local path or a URI.
         map_location: where the tensors are mapped on load (``"cpu"``).
 
     Returns:
@@ -997,7 +1066,7 @@ def _generator_device_type(generator_state: torch.Tensor) -> str | None:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _unreadable(path: Path, size: int, exc: Exception) -> CheckpointError:
+def _unreadable(name: str, source: Path | bytes, exc: Exception) -> CheckpointError:
     """The one-line error for a file ``torch.load`` could not read.
 
     ``torch.save`` writes a zip archive. A file that starts like one but whose
@@ -1006,35 +1075,43 @@ def _unreadable(path: Path, size: int, exc: Exception) -> CheckpointError:
     own message is cut to its reason: its advice to retry with
     ``weights_only=False`` would run code from an untrusted file.
     """
-    with path.open("rb") as handle:
-        head = handle.read(16)
+    if isinstance(source, bytes):
+        head, size = source[:16], len(source)
+    else:
+        size = source.stat().st_size
+        with source.open("rb") as handle:
+            head = handle.read(16)
     if not head.startswith(_ZIP_MAGIC):
         return CheckpointError(
-            f"{path}: not a td3drive checkpoint (unreadable: not a torch.save archive, "
+            f"{name}: not a td3drive checkpoint (unreadable: not a torch.save archive, "
             f"{size} bytes starting {head!r})"
         )
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(_zip_input(source)) as archive:
             intact = archive.testzip() is None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
         intact = False
     if not intact:
         return CheckpointError(
-            f"{path}: truncated or corrupt checkpoint ({size} bytes; {_short_reason(exc)})"
+            f"{name}: truncated or corrupt checkpoint ({size} bytes; {_short_reason(exc)})"
         )
-    return CheckpointError(f"{path}: not a td3drive checkpoint (unreadable: {_short_reason(exc)})")
+    return CheckpointError(f"{name}: not a td3drive checkpoint (unreadable: {_short_reason(exc)})")
 
 
-def _check_crc(path: Path) -> None:
+def _zip_input(source: Path | bytes) -> Path | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _check_crc(name: str, source: Path | bytes) -> None:
     """Check the zip CRC of every entry (``torch.load`` does not): a file
     damaged in place, not only cut short, is refused too."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(_zip_input(source)) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({exc})") from exc
+        raise CheckpointError(f"{name}: truncated or corrupt checkpoint ({exc})") from exc
     if bad is not None:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (bad CRC in {bad})")
+        raise CheckpointError(f"{name}: truncated or corrupt checkpoint (bad CRC in {bad})")
 
 
 def _short_reason(exc: BaseException, limit: int = 160) -> str:

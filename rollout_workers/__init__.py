@@ -1,21 +1,24 @@
 """Rollout workers: the driving task, the simulators and the acting loop.
 
-Importing this package registers the environments with gymnasium:
+The environments are registered with gymnasium by ``import td3drive``
+(:data:`td3drive.ENVIRONMENTS`, the one table of ids; this package imports
+it, so importing it registers them too):
 
 * ``td3drive/Racetrack-v0``: the embedded simulator (highway-env's racetrack);
 * ``td3drive/Carla-v0``: CARLA 0.9.16 through its Python client (needs a server);
-* ``td3drive/Faulty-v0``: another env that raises on chosen steps (chaos tests).
+* ``td3drive/Faulty-v0``: another env that raises on chosen steps (chaos tests);
+* ``td3drive/CarRacingPixels-v0``: gymnasium's ``CarRacing-v3`` through
+  :class:`rollout_workers.adapters.PixelEnvAdapter` (needs ``box2d``).
 """
 
-import gymnasium
+from td3drive import (
+    CAR_RACING_PIXELS_ID,
+    CARLA_ID,
+    FAULTY_ID,
+    RACETRACK_ID,
+    register_environments,
+)
 
-RACETRACK_ID = "td3drive/Racetrack-v0"
-CARLA_ID = "td3drive/Carla-v0"
-FAULTY_ID = "td3drive/Faulty-v0"
+__all__ = ["CARLA_ID", "CAR_RACING_PIXELS_ID", "FAULTY_ID", "RACETRACK_ID"]
 
-if RACETRACK_ID not in gymnasium.registry:
-    gymnasium.register(id=RACETRACK_ID, entry_point="rollout_workers.racetrack_env:RacetrackEnv")
-if CARLA_ID not in gymnasium.registry:
-    gymnasium.register(id=CARLA_ID, entry_point="rollout_workers.carla_env:CarlaEnv")
-if FAULTY_ID not in gymnasium.registry:
-    gymnasium.register(id=FAULTY_ID, entry_point="rollout_workers.faults:FaultyEnv")
+register_environments()  # idempotent; already done by ``import td3drive``

@@ -710,6 +710,7 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             "frame": frame,
             "end_reason": end.reason,
             "route_completion": state.route_completion,
+            "speed_mps": state.speed,
             "privileged_vector": driving_task.full_vector(state, self.task_config),
         }
         if end.terminated or end.truncated:

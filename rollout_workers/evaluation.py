@@ -11,6 +11,7 @@ import torch
 
 import rollout_workers  # noqa: F401  (registers the td3drive environments)
 from learner.networks import Actor
+from rollout_workers.video import DEFAULT_FPS, EvaluationVideo
 
 EVAL_SEED_OFFSET = 10_000_000
 """Evaluation episodes use seeds far from the training workers'."""
@@ -23,6 +24,7 @@ def evaluate_policy(
     env_kwargs: Mapping[str, Any] | None = None,
     episodes: int = 5,
     seed: int = 0,
+    video: EvaluationVideo | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``episodes`` episodes with the deterministic policy.
 
@@ -32,18 +34,42 @@ def evaluate_policy(
         env_kwargs: passed to ``gymnasium.make``.
         episodes: how many.
         seed: episode ``i`` resets with ``seed + EVAL_SEED_OFFSET + i``.
+        video: records the episodes it :meth:`~EvaluationVideo.wants`, one
+            frame after the reset and one per step (the env's ``render()``
+            beside ``obs["image"][-1]``, with ``info["speed_mps"]`` and the
+            action). The env is then made with ``render_mode="rgb_array"``
+            (unless ``env_kwargs`` names one) and ``video.fps`` defaults to its
+            ``metadata["render_fps"]``. ``None``: no render mode, no
+            ``render()`` call, no per-step cost. The caller finishes the clip.
 
     Returns:
         One ``info["episode_metrics"]`` dict per episode (``return`` and
         ``length`` at least, for environments that do not report metrics).
+
+    Raises:
+        rollout_workers.video.VideoError: a frame the clip cannot take.
     """
-    env = gym.make(env_id, **dict(env_kwargs or {}))
+    kwargs = dict(env_kwargs or {})
+    if video is not None:
+        kwargs.setdefault("render_mode", "rgb_array")
+    env = gym.make(env_id, **kwargs)
+    if video is not None and video.fps is None:
+        video.fps = float(env.metadata.get("render_fps") or DEFAULT_FPS)
     policy.eval()
     results = []
     try:
         for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + episode)
+            obs, info = env.reset(seed=seed + EVAL_SEED_OFFSET + episode)
             total, length = 0.0, 0
+            recorder = video if video is not None and video.wants(episode) else None
+            if recorder is not None:
+                recorder.add(
+                    _view(env),
+                    obs["image"][-1],
+                    episode=episode,
+                    step=0,
+                    speed_mps=info.get("speed_mps"),
+                )
             while True:
                 image = torch.from_numpy(np.ascontiguousarray(obs["image"]))[None]
                 vector = torch.from_numpy(np.ascontiguousarray(obs["vector"]))[None]
@@ -51,6 +77,17 @@ def evaluate_policy(
                 obs, reward, terminated, truncated, info = env.step(action)
                 total += float(reward)
                 length += 1
+                if recorder is not None:
+                    recorder.add(
+                        _view(env),
+                        obs["image"][-1],
+                        episode=episode,
+                        step=length,
+                        action=action,
+                        speed_mps=info.get("speed_mps"),
+                        episode_return=total,
+                        end_reason=info.get("end_reason") if terminated or truncated else None,
+                    )
                 if terminated or truncated:
                     metrics = dict(info.get("episode_metrics", {}))
                     metrics.setdefault("return", total)
@@ -60,6 +97,12 @@ def evaluate_policy(
     finally:
         env.close()
     return results
+
+
+def _view(env: gym.Env[Any, Any]) -> np.ndarray | None:
+    """``env.render()`` when it is one image (``render_mode="rgb_array"``), else ``None``."""
+    frame: Any = env.render()
+    return frame if isinstance(frame, np.ndarray) else None
 
 
 def summarize(episodes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,10 +19,13 @@ brake, as in CARLA).
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from highway_env.envs.common.graphics import EnvViewer
 from highway_env.envs.racetrack_env import RacetrackEnv as HighwayRacetrack
 
 from rollout_workers.driving_task import (
@@ -38,6 +41,26 @@ from rollout_workers.driving_task import (
 )
 from td3drive import spec
 from td3drive.config import DrivingTaskConfig
+
+
+def _quiet_sdl() -> None:
+    """SDL (pygame, highway-env's renderer) prints "XDG_RUNTIME_DIR is invalid
+    or not set" from every process that renders when the variable is missing
+    (containers, Ray workers): give it a private directory, as a login
+    session would (the XDG base directory spec asks for mode 0700)."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    path = os.path.join(tempfile.gettempdir(), f"td3drive-runtime-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = path
+
+
+_quiet_sdl()
+
+RENDER_SIZE_PX = 336
+"""Side of :meth:`RacetrackEnv.render`'s square colour view, px."""
+RENDER_SCALING_PX_PER_M = 3.0
+"""Its scale: 112 m across, the car and the curve ahead."""
 
 POLICY_FREQUENCY_HZ = 5
 MAX_SPEED_MPS = 40.0
@@ -57,7 +80,8 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     Args:
         task: driving task settings (a dict is validated as :class:`DrivingTaskConfig`).
         other_vehicles: other cars on the track (collisions end episodes).
-        render_mode: ``None`` or ``"rgb_array"`` (the 84×84 frame, RGB).
+        render_mode: ``None`` or ``"rgb_array"`` (a colour top-down view
+            around the car, ``uint8[336, 336, 3]``; for evaluation videos).
         max_steering_rad: front-wheel angle at ``|steer| = 1``, rad, in
             ``(0, π/2)``; highway-env's default is π/4. The track's tightest
             curve (15 m radius) needs about 0.33 rad (19°) with its 5 m car.
@@ -86,6 +110,7 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         if not 0.0 < max_steering_rad < math.pi / 2:
             raise ValueError(f"max_steering_rad must be in (0, pi/2), got {max_steering_rad}")
         self.render_mode = render_mode
+        self._viewer: EnvViewer | None = None
         self.observation_space = spec.observation_space()
         self.action_space = spec.action_space()
         self.dt = 1.0 / POLICY_FREQUENCY_HZ
@@ -185,13 +210,34 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         return obs, reward.total, end.terminated, end.truncated, info
 
     def render(self) -> np.ndarray | None:  # type: ignore[override]
-        """The newest frame as ``uint8[84, 84, 3]`` (gray in all channels)."""
+        """highway-env's colour top-down view around the ego car,
+        ``uint8[RENDER_SIZE_PX, RENDER_SIZE_PX, 3]`` RGB at
+        ``RENDER_SCALING_PX_PER_M`` (``render_mode="rgb_array"``; else ``None``).
+
+        Drawn off-screen by a viewer of its own (highway-env's ``render()``
+        would redraw every physics sub-step); the policy's 84×84 frames are
+        unchanged. Blank under ``SDL_VIDEODRIVER=dummy``.
+        """
         if self.render_mode != "rgb_array":
             return None
-        frame = self._frame(self._sim.observation_type.observe())
-        return np.repeat(frame[..., None], 3, axis=2)
+        if self._viewer is None:
+            config = dict(self._sim.config)
+            config.update(
+                screen_width=RENDER_SIZE_PX,
+                screen_height=RENDER_SIZE_PX,
+                scaling=RENDER_SCALING_PX_PER_M,
+                centering_position=[0.5, 0.5],
+                offscreen_rendering=True,
+            )
+            self._viewer = EnvViewer(self._sim, config=config)
+        self._viewer.display()
+        image = self._viewer.get_image()
+        return None if image is None else np.ascontiguousarray(image, dtype=np.uint8)
 
     def close(self) -> None:
+        # Not viewer.close(): it calls pygame.quit(), which would stop the
+        # frame renderer of every other env in this process.
+        self._viewer = None
         self._sim.close()
 
     # ------------------------------------------------------------ adapter

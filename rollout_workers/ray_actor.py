@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from buffer_service.ray_actor import ReplayWriter
 from learner.networks import load_policy_weights, policy_for
 from rollout_workers.evaluation import evaluate_policy, summarize
+from rollout_workers.video import EvaluationVideo, video_format, write_video
 from rollout_workers.worker import INCARNATION_BITS, RolloutWorker, env_kwargs_for
 from td3drive.config import TD3DriveConfig, config_from_dict
 from td3drive.weights import Published, WeightsBoard
@@ -92,8 +94,12 @@ def actor_restarts() -> int:
     if not ray.is_initialized():
         return 0  # built in-process, outside any actor
     context = ray.get_runtime_context()
-    if context.get_actor_id() is None or not context.was_current_actor_reconstructed:
+    if context.get_actor_id() is None:
         return 0
+    with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if not context.was_current_actor_reconstructed:
+            return 0
     try:
         from ray._private.state import actors
 
@@ -328,17 +334,48 @@ class EvaluatorActor:
         self.policy_generation = 0
         self.policy_version = -1
 
-    def evaluate(self, episodes: int) -> dict[str, Any]:
+    def evaluate(
+        self,
+        episodes: int,
+        video_path: str | None = None,
+        video_episodes: int = 1,
+        return_video_bytes: bool = False,
+    ) -> dict[str, Any]:
         """Run ``episodes`` episodes with the newest weights it can read.
 
         Weights that cannot be read now (lost, owner dead) are logged and the
         last ones read are evaluated (``policy_version`` says which; ``-1``:
         the untrained initial network).
 
+        Args:
+            episodes: how many (seeds from ``run.eval_seed``).
+            video_path: records a clip of the first ``video_episodes``
+                episodes (:class:`rollout_workers.video.EvaluationVideo`); its
+                suffix, ``.mp4`` or ``.gif``, picks the format. Written there
+                (atomically, parents created) by this actor, so on *its* node's
+                filesystem, unless ``return_video_bytes``. ``None``: no clip,
+                no rendering.
+            video_episodes: episodes in the clip (>= 1; at most ``episodes``).
+            return_video_bytes: return the encoded clip as
+                ``result["video"]["data"]`` instead of writing ``video_path``
+                (which then only names the format and is echoed): the caller
+                stores it wherever the run lives (another node, ``pyarrow.fs``).
+
         Returns:
             ``{"policy_version", "policy_generation", "episodes": [...metrics],
-            "summary": {...}}``.
+            "summary": {...}}``, plus with a clip ``"video": {"path",
+            "format", "fps", "episodes", "frames", "size_bytes"}`` (and
+            ``"data": bytes`` with ``return_video_bytes``).
+
+        Raises:
+            rollout_workers.video.VideoError: a bad suffix, no ffmpeg for MP4,
+                or an encoder failure (before any episode runs for the first two).
+            OSError: the clip cannot be written to ``video_path``.
         """
+        video = None  # checked before any work: a bad suffix fails at once
+        if video_path is not None:
+            video_episodes = max(1, min(video_episodes, episodes))
+            video = EvaluationVideo(video_format(video_path), episodes=video_episodes)
         newer = _fetch_newer(
             self._board,
             self.policy_generation,
@@ -353,15 +390,35 @@ class EvaluatorActor:
         rollout = self.config.rollout
         # The evaluator is the worker after the last one (its own CARLA server).
         env_kwargs = env_kwargs_for(self.config, rollout.num_workers)
-        results = evaluate_policy(
-            self.policy, rollout.env_id, env_kwargs, episodes, self.config.run.eval_seed
-        )
-        return {
+        result: dict[str, Any] = {
             "policy_version": self.policy_version,
             "policy_generation": self.policy_generation,
-            "episodes": results,
-            "summary": summarize(results),
         }
+        if video is None:
+            results = evaluate_policy(
+                self.policy, rollout.env_id, env_kwargs, episodes, self.config.run.eval_seed
+            )
+        else:
+            video.caption = f"policy v{self.policy_version}"
+            with video:
+                results = evaluate_policy(
+                    self.policy,
+                    rollout.env_id,
+                    env_kwargs,
+                    episodes,
+                    self.config.run.eval_seed,
+                    video=video,
+                )
+                data = video.finish()
+            clip = video.describe(str(video_path), data)
+            if return_video_bytes:
+                clip["data"] = data
+            else:
+                clip["path"] = str(write_video(str(video_path), data).resolve())
+            result["video"] = clip
+        result["episodes"] = results
+        result["summary"] = summarize(results)
+        return result
 
 
 def remote_evaluator_class(num_cpus: float = 1.0) -> Any:

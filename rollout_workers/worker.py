@@ -47,6 +47,7 @@ first weights arrive.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -107,7 +108,22 @@ TASK_SECTION_ENVS: dict[str, tuple[str, ...]] = {
     "td3drive/Carla-v0": ("task", "carla"),
 }
 """Environments that read config sections, and which: each gets the run's
-``task`` (and ``carla``) section as a keyword argument of the same name."""
+``task`` (and ``carla``) section as a keyword argument of the same name.
+Keys are registered ids; a ``module:`` prefix of ``rollout.env_id`` is
+ignored when looking them up (:func:`split_env_id`)."""
+
+IMPORTABLE_HINT = (
+    "it must be importable by the driver and by every Ray worker: pip install it, put its "
+    "directory on PYTHONPATH, or ship it with the job (ray job submit --working-dir, "
+    "runtime_env py_modules)"
+)
+"""How to make a ``module:EnvId`` module importable everywhere (error messages)."""
+
+ADAPTER_HINT = (
+    "wrap it with rollout_workers.adapters.PixelEnvAdapter (deploy/README.md, "
+    "'Training on your own pixel env')"
+)
+"""How to turn a pixel environment into the contract (error messages)."""
 
 
 def episode_id(worker_index: int, incarnation: int, count: int) -> int:
@@ -156,12 +172,24 @@ def env_kwargs_for(config: TD3DriveConfig, worker_index: int) -> dict[str, Any]:
     CARLA the ``carla`` section with the worker's own ports
     (:func:`worker_env_kwargs`). The evaluator is worker ``num_workers``.
     Config validation forbids repeating a section inside ``env_kwargs``, so
-    the section is the one source of truth.
+    the section is the one source of truth. ``rollout.env_id`` may carry a
+    ``module:`` prefix (:func:`split_env_id`).
     """
     kwargs = dict(config.rollout.env_kwargs)
-    for section in TASK_SECTION_ENVS.get(config.rollout.env_id, ()):
+    for section in TASK_SECTION_ENVS.get(split_env_id(config.rollout.env_id)[1], ()):
         kwargs[section] = getattr(config, section).model_dump()
     return worker_env_kwargs(kwargs, worker_index)
+
+
+def split_env_id(env_id: str) -> tuple[str | None, str]:
+    """``"module:EnvId"`` → ``("module", "EnvId")``; ``"EnvId"`` → ``(None, "EnvId")``.
+
+    gymnasium's own reading of an id (``gymnasium.make`` imports ``module``,
+    which registers ``EnvId``, then makes ``EnvId``); config validation
+    allows at most one ``:``.
+    """
+    module, sep, name = env_id.partition(":")
+    return (module, name) if sep else (None, env_id)
 
 
 def check_spaces(env: gym.Env, env_id: str) -> None:
@@ -170,19 +198,60 @@ def check_spaces(env: gym.Env, env_id: str) -> None:
     Raises:
         EnvironmentSpecError: the observation or action space differs; the
             one-line message names the space, what ``env_id`` has and what
-            the contract expects.
+            the contract expects (:func:`describe_space`), and what to do: an
+            RGB or grayscale image observation is pointed to
+            :class:`rollout_workers.adapters.PixelEnvAdapter`, a ``Dict`` to
+            its first wrong key.
     """
     expected_obs, expected_action = spec.observation_space(), spec.action_space()
     if env.observation_space != expected_obs:
         raise EnvironmentSpecError(
             f"rollout.env_id={env_id!r}: environment observation space "
-            f"{env.observation_space} is not the contract's {expected_obs}"
+            f"{describe_space(env.observation_space)} is not the contract's "
+            f"{describe_space(expected_obs)}{_observation_hint(env.observation_space)}"
         )
     if env.action_space != expected_action:
         raise EnvironmentSpecError(
             f"rollout.env_id={env_id!r}: environment action space {env.action_space} "
-            f"is not the contract's {expected_action}"
+            f"is not the contract's {expected_action}; map the contract's [steer, "
+            "throttle_brake] to it with a gymnasium.ActionWrapper (PixelEnvAdapter's action_fn "
+            "for a pixel env)"
         )
+
+
+def describe_space(space: gym.Space[Any]) -> str:
+    """A short one-line description: ``Dict(image uint8[4,84,84], vector float32[23])``
+    for a ``Dict`` of ``Box`` es, gymnasium's own ``str`` for anything else."""
+    if isinstance(space, gym.spaces.Dict):
+        parts = []
+        for key, sub in space.spaces.items():
+            if isinstance(sub, gym.spaces.Box):
+                parts.append(f"{key} {sub.dtype}[{','.join(map(str, sub.shape))}]")
+            else:
+                parts.append(f"{key} {sub}")
+        return f"Dict({', '.join(parts)})"
+    return str(space)
+
+
+def _observation_hint(space: gym.Space[Any]) -> str:
+    """What to do about an observation space that is not the contract's."""
+    if (
+        isinstance(space, gym.spaces.Box)
+        and space.dtype == np.uint8
+        and (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))
+    ):
+        return f" (an RGB or grayscale image); {ADAPTER_HINT}"
+    if isinstance(space, gym.spaces.Dict):
+        expected = spec.observation_space().spaces
+        for key, sub in expected.items():
+            if key not in space.spaces:
+                return f"; the key {key!r} is missing"
+            if space.spaces[key] != sub:
+                return f"; {key!r} is {space.spaces[key]}, expected {sub}"
+        extra = sorted(set(space.spaces) - set(expected))
+        if extra:
+            return f"; unexpected key(s) {', '.join(map(repr, extra))}"
+    return ""
 
 
 def check_environment(config: TD3DriveConfig) -> None:
@@ -194,19 +263,31 @@ def check_environment(config: TD3DriveConfig) -> None:
     builds it (``gymnasium.make(rollout.env_id, **env_kwargs_for(config, 0))``;
     for CARLA that connects to worker 0's server).
 
+    ``rollout.env_id`` may be ``module:EnvId`` (gymnasium's syntax): the
+    module is imported here first (it registers ``EnvId``), so that a module
+    that cannot be imported is named as such; every worker imports it again
+    when it makes its environment.
+
     Raises:
-        EnvironmentSpecError: the id is not registered with gymnasium, the
-            environment cannot be built (a missing dependency, a wrong
-            keyword, a simulator that does not answer), or its observation or
-            action space is not the contract's. The message is one line and
+        EnvironmentSpecError: the ``module:`` cannot be imported (or raises
+            while importing), the id is not registered with gymnasium (after
+            importing the module), the environment cannot be built (a missing
+            dependency, a wrong keyword, a simulator that does not answer), or
+            its observation or action space is not the contract's (with what
+            to do about a pixel environment). The message is one line and
             starts with ``rollout.env_id=...``.
     """
     env_id = config.rollout.env_id
+    module, name = split_env_id(env_id)
+    if module is not None:
+        _import_env_module(env_id, module)
     try:
         env = gym.make(env_id, **env_kwargs_for(config, 0))
     except gym.error.UnregisteredEnv as exc:
+        registered_by = f"; importing {module!r} did not register {name!r}" if module else ""
         raise EnvironmentSpecError(
-            f"rollout.env_id={env_id!r}: no such gymnasium environment ({_one_line(exc)})"
+            f"rollout.env_id={env_id!r}: no such gymnasium environment{registered_by} "
+            f"({_one_line(exc)})"
         ) from exc
     except Exception as exc:
         raise EnvironmentSpecError(
@@ -220,6 +301,33 @@ def check_environment(config: TD3DriveConfig) -> None:
             env.close()
         except Exception as exc:  # closing a probe must not hide the check's outcome
             log.warning("closing the probe environment %r: %r", env_id, exc)
+
+
+def _import_env_module(env_id: str, module: str) -> None:
+    """Import the ``module`` of a ``module:EnvId`` id.
+
+    Raises:
+        EnvironmentSpecError: the module is not found (with where it must be
+            importable), or importing it raised (a dependency of it missing,
+            an error in it).
+    """
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(f"{exc.name}.")):
+            raise EnvironmentSpecError(
+                f"rollout.env_id={env_id!r}: cannot import module {module!r} "
+                f"({_one_line(exc)}); {IMPORTABLE_HINT}"
+            ) from exc
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: importing module {module!r} failed: "
+            f"ModuleNotFoundError: {_one_line(exc)}"
+        ) from exc
+    except Exception as exc:
+        raise EnvironmentSpecError(
+            f"rollout.env_id={env_id!r}: importing module {module!r} failed: "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -258,7 +366,8 @@ class RolloutWorker:
     Raises:
         gymnasium.error.Error: an unknown environment id.
         EnvironmentSpecError: an environment whose spaces differ from the
-            contract (a ``ValueError``).
+            contract, or a ``module:EnvId`` whose module this worker cannot
+            import (a ``ValueError``).
         ValueError: ``worker_index`` or ``incarnation`` out of range.
     """
 
@@ -451,7 +560,18 @@ class RolloutWorker:
 
     # ------------------------------------------------------------ internals
     def _make_env(self) -> gym.Env:
-        env = self._env_factory()
+        try:
+            env = self._env_factory()
+        except ModuleNotFoundError as exc:
+            module, _ = split_env_id(self.config.env_id)
+            if module is None:
+                raise
+            # gymnasium re-raises the import failure; its cause names the module.
+            cause = exc.__cause__ or exc
+            raise EnvironmentSpecError(
+                f"rollout.env_id={self.config.env_id!r}: rollout worker {self.worker_index} "
+                f"cannot import module {module!r} ({_one_line(cause)}); {IMPORTABLE_HINT}"
+            ) from exc
         try:
             check_spaces(env, self.config.env_id)
         except EnvironmentSpecError:

@@ -1,4 +1,5 @@
-"""Crash-safe file replacement, shared by checkpoints and replay snapshots."""
+"""Crash-safe file replacement on a local filesystem: what td3drive.storage.RunStorage uses
+for every local write (checkpoints, replay snapshots, the driver's files)."""
 
 from __future__ import annotations
 

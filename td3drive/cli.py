@@ -19,6 +19,7 @@ Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -264,25 +265,34 @@ seeds, device, budget and evaluation settings):
         "worker on the Ray cluster this runs in (ray job submit) or on a local Ray "
         "instance, trains until run.total_env_steps, evaluates the deterministic policy "
         "and writes the run directory: config.yaml, metrics.jsonl, summary.json, "
-        "checkpoints/. Prometheus metrics are served on run.metrics_port. Before Ray "
-        "starts it checks the run directory, the checkpoint to resume and the metrics "
-        "port; a failed check prints one line and exits 2 without writing anything. "
-        "SIGTERM (ray job stop) or Ctrl-C saves the run and exits 128+signal.",
+        "checkpoints/. The run location is, first match wins: --resume RUN; --run-dir "
+        "RUN; <run.storage_path>/<UTC timestamp>; ./runs/<UTC timestamp>. A location is a "
+        "local path (a relative one is made absolute here, against this directory, before "
+        "any actor sees it) or a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, "
+        "file:///abs/path); the driver, the learner and every replay shard write there, so "
+        "on a cluster it must be storage every node reaches (a shared filesystem mounted "
+        "at the same path, or a bucket). Prometheus metrics are served on "
+        "run.metrics_port. Before Ray starts it checks the run location, the checkpoint "
+        "to resume and the metrics port; a failed check prints one line and exits 2 "
+        "without writing anything. SIGTERM (ray job stop) or Ctrl-C saves the run and "
+        "exits 128+signal.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="YAML run configuration (see deploy/)")
     source.add_argument(
         "--resume",
-        type=Path,
-        metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its checkpoints (the one way to reuse a "
-        "run directory)",
+        metavar="RUN",
+        help="continue the run at RUN (a path or a URI such as s3://bucket/runs/NAME) from "
+        "its checkpoints (the one way to reuse a run location); its run.storage_path is "
+        "not used",
     )
     train.add_argument(
         "--run-dir",
-        type=Path,
-        help="run directory (default runs/<timestamp>); a new or empty one, unless --overwrite",
+        metavar="RUN",
+        help="the run location itself, a path or a URI (default: "
+        "<run.storage_path>/<UTC timestamp>, run.storage_path defaulting to ./runs); a new "
+        "or empty one, unless --overwrite",
     )
     train.add_argument(
         "--overwrite",
@@ -313,7 +323,8 @@ seeds, device, budget and evaluation settings):
         "config file; --env and --set override "
         "single settings. A checkpoint outside a run directory is evaluated under the "
         "default settings, with a warning. Prints the episode metrics as JSON, with "
-        "config_source, env_id, env_kwargs and seed.",
+        "config_source, env_id, env_kwargs and seed. --video PATH also writes a clip "
+        "(.mp4 or .gif) of the first --video-episodes episodes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     target = evaluate.add_mutually_exclusive_group(required=True)
@@ -353,11 +364,39 @@ seeds, device, budget and evaluation settings):
         help="override a config value (repeatable), e.g. --set task.max_episode_steps=200",
     )
     evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    evaluate.add_argument(
+        "--video",
+        type=Path,
+        metavar="PATH",
+        help="also write a clip of the episodes, PATH ending in .mp4 (H.264, small, streamed) "
+        "or .gif (short clips: held in memory): the env's render beside the 84x84 frame the "
+        "policy saw, with speed, steer and throttle/brake; one frame per env step",
+    )
+    evaluate.add_argument(
+        "--video-episodes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="record the first N episodes (the same seeds every evaluation, so clips of "
+        "different checkpoints show the same start); at most --episodes",
+    )
+    evaluate.add_argument(
+        "--video-fps",
+        type=float,
+        metavar="FPS",
+        help="frames per second of the clip; None: the env's render_fps (the racetrack's "
+        "5 = real time)",
+    )
     evaluate.set_defaults(handler=_evaluate)
 
     report = commands.add_parser(
         "report",
-        help="PNG plots of a run's metrics (rollout and learner curves)",
+        help="PNG plots of a run's metrics and an HTML page with them and its latest clip",
+        description="Writes RUN_DIR/report/: rollout.png, learner.png and system.png from "
+        "metrics.jsonl, and index.html with those curves, summary.json, the latest "
+        "evaluation (eval.jsonl) and the latest evaluation clip in RUN_DIR/videos/ "
+        "(*.mp4 or *.gif, embedded by relative path, with a few frames as PNGs in "
+        "report/frames/). Prints the summary and the files written.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
@@ -447,6 +486,7 @@ def _train(args: argparse.Namespace) -> int:
         check_resume_checkpoint,
         check_run_dir,
     )
+    from td3drive.storage import StorageError, resolve_location
 
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides)
@@ -455,8 +495,9 @@ def _train(args: argparse.Namespace) -> int:
     # Preflight: everything that can be checked before Ray starts, in one line
     # each, exit 2, nothing written (--overwrite empties the directory last).
     try:
+        # The run location as every actor will open it: an absolute path or a URI.
         if args.resume:
-            run_dir = args.resume
+            run_dir = resolve_location(args.resume)
             check_run_dir(run_dir, resume=True, overwrite=args.overwrite)
             config = load_run_config(run_dir)
             if overrides:
@@ -467,10 +508,10 @@ def _train(args: argparse.Namespace) -> int:
             check_metrics_port(config.run.metrics_port)
         else:
             config = load_config(args.config, overrides)
-            run_dir = resolve_run_dir(args.run_dir)
+            run_dir = resolve_run_dir(args.run_dir, config.run.storage_path)
             check_metrics_port(config.run.metrics_port)
             check_run_dir(run_dir, resume=False, overwrite=args.overwrite)
-    except PreflightError as exc:
+    except (PreflightError, StorageError) as exc:
         print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except ConfigError as exc:  # a config lists one invalid field a line: keep them
@@ -601,11 +642,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     from learner.networks import load_policy_weights, policy_for
     from learner.td3 import CheckpointError, load_policy_checkpoint
     from rollout_workers.evaluation import evaluate_policy, summarize
+    from rollout_workers.video import EvaluationVideo, VideoError, video_format, write_video
     from rollout_workers.worker import env_kwargs_for
     from td3drive.config import ConfigError
     from td3drive.driver import LEARNER_CHECKPOINT
 
     checkpoint: Path = args.checkpoint or args.run_dir / LEARNER_CHECKPOINT
+    video: EvaluationVideo | None = None
+    try:
+        # Before any work: a clip that cannot be made fails at once.
+        if args.video is not None:
+            video = EvaluationVideo(
+                video_format(args.video),
+                fps=args.video_fps,
+                episodes=min(args.video_episodes, args.episodes),
+            )
+    except VideoError as exc:
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     try:
         # Only the actor's weights, mapped to the CPU: a GPU run's checkpoint
         # evaluates on a laptop.
@@ -634,15 +688,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     # The policy's shape is the checkpoint's own: its weights must load.
     policy = policy_for(saved.config)
     load_policy_weights(policy, saved.weights)
+    clip: bytes | None = None
     try:
-        episodes = evaluate_policy(policy, rollout.env_id, env_kwargs, args.episodes, seed)
+        if video is not None:
+            video.caption = f"policy v{saved.version}"
+        with video if video is not None else contextlib.nullcontext():
+            episodes = evaluate_policy(
+                policy, rollout.env_id, env_kwargs, args.episodes, seed, video=video
+            )
+            clip = video.finish() if video is not None else None
+    except VideoError as exc:
+        print(f"td3drive: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except (gym.error.Error, TypeError, ValueError) as exc:
         print(
             f"td3drive: error: cannot evaluate on {rollout.env_id}: {_one_line(exc)}",
             file=sys.stderr,
         )
         return 2
-    result = {
+    result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "policy_version": saved.version,
         "config_source": source,
@@ -652,6 +716,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         "summary": summarize(episodes),
         "episodes": episodes,
     }
+    if video is not None and clip is not None:
+        path = write_video(args.video, clip).resolve()
+        result["video"] = video.describe(str(path), clip)
+        print(
+            f"wrote {path} ({video.frames} frames of {len(video.recorded_episodes)} "
+            f"episode(s), {len(clip) / 1e6:.2f} MB)",
+            file=sys.stderr,
+        )
     _emit(result, args.json)
     return 0
 
@@ -801,6 +873,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from td3drive.preflight import PreflightError
 
     args = build_parser().parse_args(argv)
+    # As `python -m` and Ray's workers (a local ray.init puts the driver's
+    # working directory on their path): a `module:EnvId` module beside the
+    # user imports in the driver too.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

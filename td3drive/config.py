@@ -300,7 +300,13 @@ class RolloutConfig(_Section):
 
     num_workers: int = Field(2, ge=1, description="Rollout workers (Ray actors).")
     env_id: str = Field(
-        "td3drive/Racetrack-v0", description="gymnasium id of the environment each worker runs."
+        "td3drive/Racetrack-v0",
+        description="gymnasium id of the environment each worker runs, 'EnvId' or gymnasium's "
+        "'module:EnvId' (gymnasium.make imports the module, which registers EnvId, in the "
+        "driver and in every worker; it must be importable on every node: installed, on "
+        "PYTHONPATH, or shipped with the job's working_dir/py_modules). Its spaces must be "
+        "td3drive.spec's; rollout_workers.adapters.PixelEnvAdapter turns an RGB pixel env "
+        "into them (td3drive/CarRacingPixels-v0 is CarRacing-v3 through it).",
     )
     env_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -338,11 +344,38 @@ class RolloutConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="Base seed; worker i uses seed + 1000 i.")
 
+    @model_validator(mode="after")
+    def _check_env_id(self) -> RolloutConfig:
+        module, sep, name = self.env_id.partition(":")
+        if not sep:
+            module, name = "", self.env_id
+        bad_module = sep and not all(part.isidentifier() for part in module.split("."))
+        bad_name = not name or any(not (c.isalnum() or c in "_-./") for c in name)
+        if bad_module or bad_name or name.count("/") > 1:
+            raise ValueError(
+                f"env_id={self.env_id!r} is not a gymnasium id 'EnvId' or 'module:EnvId' "
+                "(module: a dotted Python module path; EnvId: [namespace/]Name[-vN])"
+            )
+        return self
+
 
 class RunConfig(_Section):
     """The driver: budget, resources, cadences, monitoring."""
 
     total_env_steps: int = Field(20_000, ge=1, description="Env-step budget of the run.")
+    storage_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Where runs are stored, Ray Train/Tune's storage_path convention: a path "
+        "every node mounts at the same place (NFS, a Kubernetes PVC) or a pyarrow.fs URI "
+        "(s3://bucket/prefix, gs://bucket/prefix, file:///abs/path). The driver, the learner "
+        "(checkpoints) and every replay shard (snapshots) write under <storage_path>/<UTC "
+        "timestamp>. null = ./runs; a relative path is resolved against the driver's working "
+        "directory to an absolute one before any actor sees it (under `ray job submit "
+        "--working-dir` that directory is Ray's disposable cache: set this). Precedence: "
+        "`td3drive train --resume RUN` and `--run-dir RUN` name the run location itself "
+        "(path or URI) and ignore this field.",
+    )
     learner_num_gpus: float = Field(
         0.0, ge=0, description="GPUs reserved for the learner actor (0 = CPU learner)."
     )
@@ -390,6 +423,14 @@ class RunConfig(_Section):
         ge=0,
         description="Env steps between evaluations during the run (eval.jsonl); 0 = only at "
         "the end.",
+    )
+    eval_video_every_env_steps: int = Field(
+        0,
+        ge=0,
+        description="Env steps between evaluation clips (videos/eval-<env_steps>.mp4: the "
+        "first evaluation episode, simulator view beside the policy's 84x84 input); taken "
+        "at the first periodic evaluation at or after each multiple, and of the final "
+        "evaluation. 0 = never (no rendering cost).",
     )
     report_interval_s: float = Field(
         10.0, gt=0, description="Seconds between metrics.jsonl lines and log lines."

@@ -9,6 +9,16 @@ The driver connects to the Ray cluster it runs in (``ray job submit`` sets
 * ``rollout.num_workers`` rollout workers (restarted by Ray when they die),
 * one evaluation worker.
 
+Everything the run writes goes under one *run location*
+(:class:`td3drive.storage.RunStorage`): ``<run.storage_path>/<UTC timestamp>``
+(``./runs`` by default) or the ``--run-dir``/``--resume`` location, a local or
+shared path or a URI (``s3://``, ``gs://``, ``file://``), made absolute in this
+process before any actor sees it. The driver writes ``config.yaml``,
+``metrics.jsonl``, ``eval.jsonl``, ``eval.json``, ``summary.json`` and
+``checkpoints/driver.json``; the learner actor ``checkpoints/learner.pt``; shard
+``i`` its snapshots under ``checkpoints/replay/shard-<i>/``, each on whatever
+node it runs, so the location must be storage every node reaches.
+
 It keeps one ``run`` call in flight per worker and one ``train`` call on the
 learner, reacting to whichever finishes first; the replay shards' rate
 limiter paces both sides. Every ``run.report_interval_s`` it writes a line to
@@ -61,6 +71,13 @@ from td3drive import metric_names as M
 from td3drive.atomic_file import atomic_write
 from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
 from td3drive.prometheus import MetricsEndpoint, RunMetrics
+from td3drive.storage import (
+    RunStorage,
+    is_uri,
+    join_location,
+    ray_cache_warning,
+    resolve_location,
+)
 
 log = logging.getLogger("td3drive.train")
 
@@ -68,6 +85,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.jsonl"
+VIDEO_DIR = "videos"
+EVAL_RESULT_FILE = "eval.json"
 STATE_FILE = "checkpoints/driver.json"
 LEARNER_CHECKPOINT = "checkpoints/learner.pt"
 REPLAY_SNAPSHOTS = "checkpoints/replay"
@@ -152,32 +171,57 @@ class Progress:
         return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "recent"}
 
 
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    """``run_dir``, or ``runs/<UTC timestamp>`` when ``None``."""
+DEFAULT_STORAGE_PATH = "runs"
+"""``run.storage_path`` when the config leaves it null: ``./runs``, made
+absolute against the driver's working directory."""
+
+
+def resolve_run_dir(
+    run_dir: str | Path | None, storage_path: str | None = None, base: str | Path | None = None
+) -> str:
+    """The run location, as a string every actor can open: an absolute path or a URI.
+
+    Precedence: ``run_dir`` (``--run-dir``/``--resume``: the run location
+    itself, a path or a URI); else ``<storage_path>/<UTC timestamp>``; else
+    ``./runs/<UTC timestamp>``. Relative paths are resolved against ``base``
+    (default: this process's working directory, the driver's).
+
+    Raises:
+        td3drive.storage.StorageError: an empty location.
+    """
     if run_dir is not None:
-        return Path(run_dir)
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        return resolve_location(run_dir, base)
+    root = resolve_location(storage_path or DEFAULT_STORAGE_PATH, base)
+    return join_location(root, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
 
 
-def load_run_config(run_dir: Path) -> TD3DriveConfig:
-    """The resolved config a run directory was started with.
+def load_run_config(run_dir: str | Path | RunStorage) -> TD3DriveConfig:
+    """The resolved config a run location was started with.
+
+    Args:
+        run_dir: the run location: a local path, a URI or a storage.
 
     Raises:
         ConfigError: no ``config.yaml`` there, or it does not validate.
+        td3drive.storage.StorageError: the storage cannot be opened or read.
     """
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a td3drive run directory (no {CONFIG_FILE})")
-    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    storage = run_dir if isinstance(run_dir, RunStorage) else RunStorage(run_dir)
+    if not storage.is_file(CONFIG_FILE):
+        raise ConfigError(f"{storage.display} is not a td3drive run directory (no {CONFIG_FILE})")
+    text = storage.read_text(CONFIG_FILE)
+    return config_from_dict(yaml.safe_load(text), source=storage.path(CONFIG_FILE))
 
 
 class TrainingRun:
-    """One training run in ``run_dir``.
+    """One training run at the run location ``run_dir``.
 
     Args:
         config: the resolved configuration (written to ``config.yaml``).
-        run_dir: the run directory; created if missing. A fresh run refuses a
-            directory that already holds a run (``config.yaml`` or
+        run_dir: the run location: a local path (relative paths are resolved
+            here, against the driver's working directory), a URI or a storage;
+            ``None`` = ``<run.storage_path>/<UTC timestamp>``
+            (:func:`resolve_run_dir`). Created if missing. A fresh run refuses
+            a location that already holds a run (``config.yaml`` or
             checkpoints): ``resume`` continues one.
         resume: continue from ``checkpoints/`` (counters, learner, replay).
         log_line: where progress lines go (a TTY display or a logger).
@@ -188,18 +232,24 @@ class TrainingRun:
     def __init__(
         self,
         config: TD3DriveConfig,
-        run_dir: Path,
+        run_dir: str | Path | RunStorage | None = None,
         resume: bool = False,
         log_line: Callable[[str], None] | None = None,
         on_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
-        self.run_dir = run_dir
+        if not isinstance(run_dir, RunStorage):
+            run_dir = RunStorage(resolve_run_dir(run_dir, config.run.storage_path))
+        self.storage = run_dir
+        # What messages and summary.json name: the absolute path or the URI.
+        self.location = self.storage.display
+        # The local directory (a Path) when the storage is local, else the URI.
+        self.run_dir: Path | str = self.storage.local_path or self.storage.display
         self.resume = resume
         self.log_line = log_line or log.info
         self.on_report = on_report
         self.progress = Progress(recent=deque(maxlen=config.run.recent_episodes))
-        self.metrics = RunMetrics(run_id=run_dir.name)
+        self.metrics = RunMetrics(run_id=self.storage.name)
         self.learner_stats: dict[str, Any] = {}
         self.worker_rates: dict[int, float] = {}
         self.shard_stats: list[dict[str, Any]] = []
@@ -208,6 +258,7 @@ class TrainingRun:
         self._last_checkpoint_updates = 0
         self._env_restarts_by_worker: dict[int, int] = {}
         self._next_eval = config.run.eval_every_env_steps or None
+        self._next_video = config.run.eval_video_every_env_steps or None
         # Fault bookkeeping: each worker's incarnation (a restarted actor
         # reports a new one), workers seen dead and not back yet, consecutive
         # failed calls, transitions each incarnation has reported pushing.
@@ -222,29 +273,40 @@ class TrainingRun:
         self._learner_version = 0  # the live learner's own update count
         self._replay_timeouts = 0
         self._stop_signal: int | None = None
+        # (wall s, env steps, updates) at the previous metrics line: current rates.
+        self._last_report = (0.0, 0, 0)
 
     # ------------------------------------------------------------ setup
+    def learner_checkpoint_location(self) -> str:
+        """Where the learner actor saves and loads its checkpoint: an absolute
+        path or a URI, never relative (the actor's cwd is not the driver's)."""
+        return self.storage.path(LEARNER_CHECKPOINT)
+
+    def shard_snapshot_location(self, index: int) -> str:
+        """Shard ``index``'s snapshot directory: an absolute path or a URI."""
+        return self.storage.path(f"{REPLAY_SNAPSHOTS}/shard-{index}")
+
     def _prepare_dir(self) -> None:
-        checkpoints = self.run_dir / "checkpoints"
-        if not self.resume and (
-            (self.run_dir / CONFIG_FILE).exists()
-            or (checkpoints.is_dir() and any(checkpoints.iterdir()))
-        ):
+        storage = self.storage
+        if not self.resume and (storage.exists(CONFIG_FILE) or storage.list("checkpoints")):
             raise TrainingError(
-                f"{self.run_dir} already holds a run; continue it with "
-                f"`td3drive train --resume {self.run_dir}` or start over with --overwrite"
+                f"{self.location} already holds a run; continue it with "
+                f"`td3drive train --resume {self.location}` or start over with --overwrite"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints.mkdir(exist_ok=True)
+        storage.make_dirs("checkpoints")
         config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
-        (self.run_dir / CONFIG_FILE).write_text(config_text)
-        state_path = self.run_dir / STATE_FILE
-        if self.resume and state_path.exists():
-            state = json.loads(state_path.read_text())
+        storage.write_text(CONFIG_FILE, config_text)
+        if self.resume and storage.exists(STATE_FILE):
+            state = json.loads(storage.read_text(STATE_FILE))
             for key, value in state.items():
                 if key in Progress.__dataclass_fields__ and key != "recent":
                     setattr(self.progress, key, value)
             self._last_checkpoint_updates = self.progress.learner_updates
+            self._last_report = (
+                self.progress.wall_s,
+                self.progress.env_steps,
+                self.progress.learner_updates,
+            )
             self._forget_after_checkpoint()
         self.progress.launches += 1
 
@@ -260,13 +322,12 @@ class TrainingRun:
         after the last checkpoint (a driver killed without saving): the run
         goes on from the checkpoint, so its curves never go backwards."""
         for name in (METRICS_FILE, EVAL_FILE):
-            path = self.run_dir / name
-            if not path.exists():
+            if not self.storage.exists(name):
                 continue
-            lines = path.read_text().splitlines()
+            lines = self.storage.read_text(name).splitlines()
             kept = [line for line in lines if line.strip() and self._before_checkpoint(line)]
             if len(kept) < len(lines):
-                atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+                self.storage.write_text(name, "".join(f"{line}\n" for line in kept))
                 self.log_line(
                     f"{name}: dropped {len(lines) - len(kept)} lines written after the last "
                     f"checkpoint ({self.progress.env_steps} env steps)"
@@ -284,15 +345,46 @@ class TrainingRun:
 
     def _start_ray(self) -> None:
         if not ray.is_initialized():
+            # Actors' warnings and errors reach this log (and `ray job logs`),
+            # deduplicated by Ray; nothing logs per step at WARNING.
             if os.environ.get("RAY_ADDRESS"):
-                ray.init(log_to_driver=False)
+                ray.init(log_to_driver=True)
                 self.log_line(f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}")
             else:
+                # A fresh instance of our own (address="local"), even when a
+                # `ray start` cluster runs on this machine: to run there, use
+                # `ray job submit` or RAY_ADDRESS=auto.
                 needed = self.reserved_cpus() + 1
                 cpus = max(os.cpu_count() or 1, int(np.ceil(needed)))
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                ray.init(
+                    address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True
+                )
                 self.log_line(f"started a local Ray instance ({cpus} logical CPUs)")
         self._check_cluster_fits()
+        self._check_storage_reach()
+
+    def _check_storage_reach(self) -> None:
+        """Warn when the run location is one every actor may not reach: Ray's
+        runtime-env cache (a relative ``./runs`` under ``ray job submit
+        --working-dir``), or a local path on a cluster of several nodes (it
+        must then be a shared filesystem mounted at the same path everywhere)."""
+        warning = ray_cache_warning(self.storage)
+        if warning:
+            self.log_line(f"warning: {warning}")
+        if self.storage.local_path is None:
+            return
+        try:
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        except Exception as exc:  # the GCS query is advisory
+            log.debug("node count unavailable: %r", exc)
+            return
+        if nodes > 1:
+            self.log_line(
+                f"warning: the run location {self.location} is a local path and the cluster has "
+                f"{nodes} nodes: it must be a shared filesystem mounted at the same path on every "
+                "node (NFS, a PVC), or set run.storage_path to a URI (s3://, gs://); otherwise "
+                "checkpoints and snapshots land on whichever node wrote them"
+            )
 
     def _check_cluster_fits(self) -> None:
         """A run whose reservations exceed the cluster would wait forever at
@@ -357,7 +449,7 @@ class TrainingRun:
                 cfg.replay,  # a small pydantic object, pickled by value
                 cfg.learner.batch_size,
                 index,
-                str(self.run_dir / REPLAY_SNAPSHOTS / f"shard-{index}"),
+                self.shard_snapshot_location(index),  # absolute path or URI
                 cfg.learner.seed,
             )
             for index in range(cfg.replay.num_shards)
@@ -438,13 +530,13 @@ class TrainingRun:
         """Start a learner actor: fresh, from the run's checkpoint on
         ``--resume``, or, after a learner died, from its last checkpoint as
         generation ``learner_restarts`` (the checkpoint must then exist)."""
-        checkpoint = self.run_dir / LEARNER_CHECKPOINT
+        checkpoint = self.learner_checkpoint_location()
         rebuild = self.progress.learner_restarts > 0
         return self._learner_class.options(**_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
             self.config.model_dump(mode="json"),
             self.shards,
             self.board,
-            str(checkpoint) if (self.resume or rebuild) else None,
+            checkpoint if (self.resume or rebuild) else None,
             require_checkpoint=self.resume or rebuild,
             generation=self.progress.learner_restarts,
         )
@@ -504,7 +596,7 @@ class TrainingRun:
             # After ray.init, which installs its own SIGTERM handler (sys.exit).
             previous_handlers = self._install_signal_handlers()
             self._start_services()
-            if not (self.run_dir / LEARNER_CHECKPOINT).exists():
+            if not self.storage.exists(LEARNER_CHECKPOINT):
                 self._checkpoint()  # a good checkpoint exists from the start
             self._loop()
             summary = self._finish()
@@ -514,7 +606,7 @@ class TrainingRun:
                 raise RunStopped(
                     f"{name}: saved at {self.progress.env_steps} env steps and "
                     f"{self.progress.learner_updates} updates; continue with "
-                    f"`td3drive train --resume {self.run_dir}`",
+                    f"`td3drive train --resume {self.location}`",
                     self._stop_signal,
                 )
             return summary
@@ -524,6 +616,10 @@ class TrainingRun:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+            try:  # lines an object store holds in memory (metrics.jsonl, eval.jsonl)
+                self.storage.flush()
+            except OSError as exc:
+                self.log_line(f"could not upload the last metrics lines: {exc}")
             self.metrics.set_status(status)
             if self._endpoint is not None:
                 linger = self.config.run.metrics_linger_s
@@ -557,7 +653,7 @@ class TrainingRun:
             elif kind == "flush":
                 ref = self.workers[index].flush.remote()
             elif kind == "eval":
-                ref = self.evaluator.evaluate.remote(cfg.eval_episodes)
+                ref = self.evaluator.evaluate.remote(cfg.eval_episodes, **self._video_args(index))
             else:
                 ref = self.learner.train.remote(cfg.learner_updates_per_call)
             pending[ref] = (kind, index)
@@ -714,7 +810,7 @@ class TrainingRun:
                 self._write_summary(status="failed", error=str(exc.cause))
                 raise TrainingError(
                     f"stopped: {exc.cause} The last good checkpoint is "
-                    f"{self.run_dir / LEARNER_CHECKPOINT} (update "
+                    f"{self.learner_checkpoint_location()} (update "
                     f"{self._last_checkpoint_updates})."
                 ) from exc.cause
             if isinstance(exc.cause, ReplayTimeoutError):
@@ -748,7 +844,7 @@ class TrainingRun:
             self._write_summary(status="failed", error=diagnosis)
             raise TrainingError(
                 f"the learner got no replay data {self._replay_timeouts} times in a row: "
-                f"{diagnosis}. The last good checkpoint is {self.run_dir / LEARNER_CHECKPOINT}."
+                f"{diagnosis}. The last good checkpoint is {self.learner_checkpoint_location()}."
             )
         self.log_line(f"replay timeout ({diagnosis}); the learner gets a fresh sampler")
         ray.get(self.learner.reset_sampler.remote())
@@ -761,7 +857,7 @@ class TrainingRun:
         self.progress.learner_restarts += 1
         self.log_line(
             f"the learner died ({_actor_error(exc)}); rebuilding it from "
-            f"{self.run_dir / LEARNER_CHECKPOINT}"
+            f"{self.learner_checkpoint_location()}"
         )
         self.learner = self._new_learner()
         try:
@@ -780,7 +876,7 @@ class TrainingRun:
 
     def _checkpoint(self) -> None:
         try:
-            ray.get(self.learner.save_checkpoint.remote(str(self.run_dir / LEARNER_CHECKPOINT)))
+            ray.get(self.learner.save_checkpoint.remote(self.learner_checkpoint_location()))
         except RayActorError as exc:  # died between calls: rebuild, save next time
             self._rebuild_learner(exc)
             return
@@ -792,7 +888,8 @@ class TrainingRun:
         self._last_checkpoint_updates = self.progress.learner_updates
         state = self.progress.state()
         state["wall_s"] = self._wall_s()
-        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state))
+        self.storage.write_text(STATE_FILE, json.dumps(state))
+        self.storage.flush()
 
     def _wall_s(self) -> float:
         return self.progress.wall_s + (time.monotonic() - self._start)
@@ -843,23 +940,48 @@ class TrainingRun:
         }
 
     def _report(self) -> dict[str, Any]:
+        """Append one line to ``metrics.jsonl``, update the Prometheus
+        endpoint and log a progress line.
+
+        Rates (``env_steps_per_s``, ``updates_per_s``) are current: over the
+        interval since the previous line; ``*_mean`` are since the run began.
+        ``workers`` and ``shards`` carry the per-actor figures Prometheus has
+        (labels ``worker``/``shard``)."""
         wall = self._wall_s()
         replay = self._replay_totals()
         episode = self._recent_episodes()
+        last_wall, last_steps, last_updates = self._last_report
+        interval = wall - last_wall
         line = {
             "time_s": wall,
             "env_steps": self.progress.env_steps,
             "learner_updates": self.progress.learner_updates,
             "episodes": self.progress.episodes,
-            "env_steps_per_s": self.progress.env_steps / wall if wall else 0.0,
-            "updates_per_s": self.progress.learner_updates / wall if wall else 0.0,
+            "env_steps_per_s": (self.progress.env_steps - last_steps) / interval
+            if interval > 0
+            else 0.0,
+            "updates_per_s": (self.progress.learner_updates - last_updates) / interval
+            if interval > 0
+            else 0.0,
+            "env_steps_per_s_mean": self.progress.env_steps / wall if wall else 0.0,
+            "updates_per_s_mean": self.progress.learner_updates / wall if wall else 0.0,
             "episode": episode,
             "learner": self.learner_stats.get("metrics") or None,
             "replay": replay,
             "policy_lag_updates_mean": self.learner_stats.get("policy_lag_updates_mean"),
+            "workers": {
+                str(index): {
+                    "env_steps_per_s": self.worker_rates.get(index, 0.0),
+                    "env_restarts": self._env_restarts_by_worker.get(index, 0),
+                    "actor_restarts": self._worker_restarts_seen.get(index, 0),
+                    "down": index in self._workers_down,
+                }
+                for index in range(self.config.rollout.num_workers)
+            },
+            "shards": {str(s["shard"]): _shard_line(s) for s in self.shard_stats},
         }
-        with (self.run_dir / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        self._last_report = (wall, self.progress.env_steps, self.progress.learner_updates)
+        self.storage.append_line(METRICS_FILE, json.dumps(line))
         self._export(line)
         if self.on_report is not None:
             self.on_report(line)
@@ -927,27 +1049,59 @@ class TrainingRun:
             ray.get(self.learner.publish.remote())
             self.log_line(f"evaluating the policy on {self.config.run.eval_episodes} episodes")
             try:
-                result = ray.get(self.evaluator.evaluate.remote(self.config.run.eval_episodes))
+                video = self._video_args(self.progress.env_steps, final=True)
+                result = ray.get(
+                    self.evaluator.evaluate.remote(self.config.run.eval_episodes, **video)
+                )
             except (RayActorError, RayTaskError) as exc:
                 self.log_line(f"the final evaluation failed: {_actor_error(exc)}")
             else:
                 self._record_eval(result, at_steps=self.progress.env_steps)
                 evaluation = result["summary"]
-                with (self.run_dir / "eval.json").open("w") as handle:
-                    json.dump(result, handle, indent=2, default=float)
+                self.storage.write_text(
+                    EVAL_RESULT_FILE, json.dumps(result, indent=2, default=float) + "\n"
+                )
         return self._write_summary(status="completed", evaluation=evaluation)
+
+    def _video_args(self, at_steps: int, final: bool = False) -> dict[str, Any]:
+        """The evaluator's clip arguments for the evaluation started at
+        ``at_steps``: the first periodic evaluation at or after each multiple
+        of ``run.eval_video_every_env_steps``, and the final one. The evaluator
+        returns the encoded clip and the driver stores it with the run
+        (:meth:`_record_eval`), wherever the run lives."""
+        every = self.config.run.eval_video_every_env_steps
+        if not every:
+            return {}
+        if not final:
+            if self._next_video is None or at_steps < self._next_video:
+                return {}
+            while self._next_video <= at_steps:
+                self._next_video += every
+        return {
+            "video_path": f"{VIDEO_DIR}/eval-{at_steps:09d}.mp4",
+            "return_video_bytes": True,
+        }
 
     def _record_eval(self, result: dict[str, Any], at_steps: int) -> None:
         """Append one evaluation to ``eval.jsonl``: env steps when it was
-        started, the policy version evaluated, wall time and the summary."""
+        started, the policy version evaluated, wall time, the summary and the
+        clip, if one was recorded (stored under ``videos/``)."""
         line = {
             "env_steps": at_steps,
             "policy_version": result["policy_version"],
             "wall_s": self._wall_s(),
             **result["summary"],
         }
-        with (self.run_dir / EVAL_FILE).open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        clip = result.pop("video", None)
+        if clip is not None:
+            data = clip.pop("data")
+            self.storage.write_bytes(clip["path"], data)
+            line["video"] = clip["path"]  # relative to the run: portable
+            self.log_line(
+                f"evaluation clip: {self.storage.path(clip['path'])} ({clip['frames']} frames, "
+                f"{len(data) / 1e6:.2f} MB)"
+            )
+        self.storage.append_line(EVAL_FILE, json.dumps(line))
         self.log_line(
             f"eval at {at_steps} env steps (policy {result['policy_version']}): return "
             f"{line['return_mean']:.1f}, route {line['route_completion_mean'] or 0:.0%}"
@@ -1021,10 +1175,31 @@ class TrainingRun:
             )
             + self.progress.transitions_dropped,
             "eval": evaluation or {"episodes": 0},
-            "run_dir": str(self.run_dir),
+            "run_dir": self.location,  # absolute path or URI
         }
-        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        self.storage.write_text(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        self.storage.flush()
         return summary
+
+
+SHARD_LINE_KEYS = (
+    "size",
+    "bytes_held",
+    "compression_ratio",
+    "inserted_transitions",
+    "sampled_transitions",
+    "rejected_payloads",
+    "evicted_chunks",
+    "insert_wait_s_total",
+    "sample_wait_s_total",
+    "waiting_inserts",
+    "restarts",
+)
+"""The per-shard figures of a ``metrics.jsonl`` line (from the shard's ``stats()``)."""
+
+
+def _shard_line(stats: dict[str, Any]) -> dict[str, Any]:
+    return {key: stats[key] for key in SHARD_LINE_KEYS if key in stats}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -1044,10 +1219,19 @@ def _actor_error(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def closing_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
+def closing_lines(summary: dict[str, Any], run_dir: str | Path | RunStorage) -> list[str]:
     """What a finished run tells its user: how far the car got in the final
     evaluation (mean and best route completion, successes, speed, how the
-    episodes ended) and how to train further (``--resume`` with a larger budget)."""
+    episodes ended) and how to train further (``--resume`` with a larger budget).
+
+    ``run_dir`` is the run location (resolved to an absolute path or URI as
+    :func:`resolve_run_dir` does; a storage is named by its display): every
+    command printed works from any directory."""
+    if isinstance(run_dir, RunStorage):
+        location, local = run_dir.display, run_dir.local_path
+    else:
+        location = resolve_location(run_dir)
+        local = _file_uri_path(location)
     evaluation = summary.get("eval") or {}
     lines = [
         f"done: {summary['env_steps']} env steps, {summary['learner_updates']} updates in "
@@ -1068,11 +1252,18 @@ def closing_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
         lines.append(f"final evaluation: return {evaluation.get('return_mean')}")
     budget = int(summary["env_steps"])
     lines += [
-        f"train further: td3drive train --resume {run_dir} --total-env-steps {budget * 4}",
-        f"summary: {run_dir / SUMMARY_FILE}",
-        f"plots: td3drive report {run_dir}",
+        f"train further: td3drive train --resume {location} --total-env-steps {budget * 4}",
+        f"summary: {join_location(location, SUMMARY_FILE)}",
+        f"plots: td3drive report {local if local is not None else location}",
     ]
     return lines
+
+
+def _file_uri_path(location: str) -> Path | None:
+    """The local path of an absolute path or a ``file://`` URI, else ``None``."""
+    if location.startswith("file://"):
+        return RunStorage(location).local_path
+    return None if is_uri(location) else Path(location)
 
 
 def console_logger() -> Callable[[str], None]:

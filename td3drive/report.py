@@ -17,7 +17,15 @@ and writes PNGs into ``RUN_DIR/report/``:
 * ``system.png``: throughput, replay and policy lag, against wall time;
 * ``replay_census.json`` (when the run has replay snapshots): what the replay
   holds, crashes, stops and driving (:mod:`td3drive.replay_census`), also
-  printed.
+  printed;
+* ``index.html``: one page with the curves, the ``summary.json`` figures, the
+  latest evaluation (``eval.jsonl``) and the latest evaluation clip, if the
+  run has one (``RUN_DIR/videos/*.mp4|*.gif``: the training evaluator's
+  periodic clips, or ``td3drive evaluate --video RUN_DIR/videos/NAME.mp4``),
+  embedded by relative path as ``<video>``/``<img>``, with a few of its
+  frames extracted as PNGs (``frames/key-<i>-frame-<n>.png``: they show without
+  a video player); older clips are linked. Open it in a browser; the run directory can
+  be moved or copied as a whole.
 
 Each figure's function documents its panels. Malformed lines (not JSON, not
 an object, or with none of ``time_s`` / ``env_steps`` / ``learner_updates``;
@@ -34,11 +42,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import yaml
 
@@ -51,7 +62,14 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+EVAL_FILE = "eval.jsonl"
 REPORT_DIR = "report"
+VIDEO_DIR = "videos"
+HTML_FILE = "index.html"
+KEY_FRAMES_DIR = "frames"
+KEY_FRAMES = 4
+"""Frames of the latest clip extracted as PNGs (first to last, evenly spaced)."""
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
 _X_KEYS = ("time_s", "env_steps", "learner_updates")
 _DPI = 100
@@ -117,7 +135,10 @@ def make_report(run_dir: Path, *, stream: TextIO | None = None) -> list[Path]:
             ``metrics.jsonl`` are printed; None = standard output.
 
     Returns:
-        The PNGs written, ``run_dir/report/{rollout,learner,system}.png``.
+        The files written: ``run_dir/report/{rollout,learner,system}.png``,
+        ``replay_census.json`` when the run has replay snapshots, the latest
+        clip's key frames (``frames/key-<i>-frame-<n>.png``) and ``index.html``
+        (:func:`write_html`), in that order.
 
     Raises:
         ReportError: ``run_dir`` is not a directory, has no ``metrics.jsonl``,
@@ -171,7 +192,176 @@ def make_report(run_dir: Path, *, stream: TextIO | None = None) -> list[Path]:
         for line in replay_census.census_lines(held):
             print(line, file=stream)
         written.append(census_path)
+    videos = find_videos(run_dir)
+    frames = extract_key_frames(videos[-1], out_dir) if videos else []
+    written.extend(frames)
+    html_path = write_html(run_dir, written, videos, frames)
+    written.append(html_path)
+    print(f"{html_path.resolve()}: open in a browser", file=stream)
     return written
+
+
+def find_videos(run_dir: Path) -> list[Path]:
+    """The evaluation clips of a run, ``RUN_DIR/videos/*.mp4|*.gif``, oldest
+    first: by modification time, then by name (the driver's
+    ``eval-<env_steps>`` names sort by env steps where times tie, e.g. after a
+    copy)."""
+    directory = Path(run_dir) / VIDEO_DIR
+    if not directory.is_dir():
+        return []
+    clips = [
+        path
+        for path in directory.iterdir()
+        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES and path.stat().st_size
+    ]
+    return sorted(clips, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def extract_key_frames(video: Path, out_dir: Path, count: int = KEY_FRAMES) -> list[Path]:
+    """Up to ``count`` frames of ``video`` as ``out_dir/frames/key-<i>-frame-<n>.png``
+    (``n``: the frame's index in the clip; earlier key frames removed first).
+    A clip that cannot be decoded is logged and gives none (the page still
+    links it).
+
+    Returns:
+        The PNGs written, in frame order.
+    """
+    from PIL import Image
+
+    from rollout_workers.video import VideoError, key_frames
+
+    frames_dir = out_dir / KEY_FRAMES_DIR
+    if frames_dir.is_dir():
+        for stale in frames_dir.glob("key-*.png"):
+            stale.unlink()
+    try:
+        picked = key_frames(video, count)
+    except VideoError as exc:
+        log.warning("%s: no key frames: %s", video, exc)
+        return []
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for number, (index, frame) in enumerate(picked):
+        path = frames_dir / f"key-{number}-frame-{index}.png"
+        Image.fromarray(frame).save(path)
+        written.append(path)
+    return written
+
+
+def write_html(
+    run_dir: Path, files: Sequence[Path], videos: Sequence[Path], key_frames: Sequence[Path]
+) -> Path:
+    """``run_dir/report/index.html``: the figures among ``files`` (PNGs, JSON
+    linked), ``summary.json`` and the last ``eval.jsonl`` line as tables, the
+    last of ``videos`` embedded (``<video>`` for MP4, ``<img>`` for GIF) with
+    its ``key_frames``, the others linked. Every reference is a path relative
+    to the page, URL-quoted; every text is HTML-escaped.
+
+    Returns:
+        The page's path.
+    """
+    out_dir = Path(run_dir) / REPORT_DIR
+    title = Path(run_dir).resolve().name
+
+    def src(path: Path) -> str:
+        return quote(Path(os.path.relpath(path, out_dir)).as_posix())
+
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>td3drive report: {escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1300px}"
+        "img,video{max-width:100%}table{border-collapse:collapse}"
+        "td{padding:2px 10px;border-bottom:1px solid #ddd}td.v{text-align:right}"
+        "figure{display:inline-block;margin:0 8px 8px 0}figcaption{font-size:small}</style>",
+        "</head><body>",
+        f"<h1>td3drive report: {escape(title)}</h1>",
+        f"<p>{escape(str(Path(run_dir).resolve()))}</p>",
+    ]
+    summary = _read_json(Path(run_dir) / SUMMARY_FILE)
+    if summary is not None:
+        parts += ["<h2>Summary</h2>", _table(flatten(summary))]
+    latest_eval = _last_json_line(Path(run_dir) / EVAL_FILE)
+    if latest_eval is not None:
+        parts += ["<h2>Latest evaluation</h2>", _table(flatten(latest_eval))]
+    if videos:
+        latest = videos[-1]
+        size_mb = latest.stat().st_size / 1e6
+        parts.append("<h2>Latest evaluation clip</h2>")
+        parts.append(
+            "<p>Left: the simulator's view; right: the 84&times;84 frame the policy saw "
+            "(the newest of its 4-frame stack); below: speed, steer and throttle/brake. "
+            "One frame per env step.</p>"
+        )
+        if latest.suffix.lower() == ".mp4":
+            parts.append(
+                f'<video controls loop muted playsinline preload="metadata" '
+                f'src="{src(latest)}"></video>'
+            )
+        else:
+            parts.append(f'<img src="{src(latest)}" alt="{escape(latest.name)}">')
+        parts.append(f'<p><a href="{src(latest)}">{escape(latest.name)}</a> ({size_mb:.2f} MB)</p>')
+        for frame in key_frames:
+            index = frame.stem.rsplit("-", 1)[-1]
+            parts.append(
+                f'<figure><img src="{src(frame)}" alt="frame {escape(index)}" width="448">'
+                f"<figcaption>frame {escape(index)}</figcaption></figure>"
+            )
+        if len(videos) > 1:
+            parts.append("<h3>Earlier clips</h3><ul>")
+            parts += [
+                f'<li><a href="{src(video)}">{escape(video.name)}</a></li>'
+                for video in reversed(videos[:-1])
+            ]
+            parts.append("</ul>")
+    parts.append("<h2>Curves</h2>")
+    for path in files:
+        if path.suffix == ".png" and path.parent == out_dir:
+            parts.append(f'<p><img src="{src(path)}" alt="{escape(path.stem)}"></p>')
+        elif path.suffix == ".json":
+            parts.append(f'<p><a href="{src(path)}">{escape(path.name)}</a></p>')
+    parts.append("</body></html>")
+    page = out_dir / HTML_FILE
+    page.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return page
+
+
+def _table(rows: Iterable[tuple[str, Any]]) -> str:
+    cells = "".join(
+        f'<tr><td>{escape(key)}</td><td class="v">{escape(_fmt(value))}</td></tr>'
+        for key, value in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None (absent or unreadable: logged)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable, left out of the page: %s", path, exc)
+        return None
+
+
+def _last_json_line(path: Path) -> dict[str, Any] | None:
+    """The last line of a JSON-lines file that is a JSON object, or None."""
+    if not path.is_file():
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        log.warning("%s: unreadable, left out of the page: %s", path, exc)
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
 
 
 def _task_config(config: dict[str, Any] | None) -> DrivingTaskConfig:

@@ -34,7 +34,7 @@ MAX_EPISODE_STEPS = 6
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingRun]:
     """One tiny training run with a changed field in every section; its
     actors stay up for inspection until the module's tests are done."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = config_from_dict(
         tiny_config(
             task={"max_episode_steps": MAX_EPISODE_STEPS, "observation_vector": "speed_only"},

@@ -1,10 +1,11 @@
 """The files in deploy/: run configs validate, the dashboard and the alert rules
 use only metric names the exporter exports, Prometheus accepts its files
 (promtool), the alert rules fire on the failures they describe and stay quiet on
-a healthy run (and on a run that finished), and the KubeRay manifest matches
-deploy/cluster.yaml. Also the endpoint itself (td3drive/prometheus.py): bound
-first with a one-line error for a taken port, run_id on every series, the run
-status, and a close that lingers until a real Prometheus has scraped the end."""
+a healthy run (and on a run that finished). Also the endpoint itself
+(td3drive/prometheus.py): bound first with a one-line error for a taken port,
+run_id on every series, the run status, and a close that lingers until a real
+Prometheus has scraped the end. The KubeRay manifests and the Dockerfile are
+checked in tests/test_kuberay_manifests.py."""
 
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
-RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 
 EXPORTED = {f"{name}_total" for name in COUNTERS} | set(GAUGES)
 METRIC = re.compile(r"\btd3drive_\w+")
@@ -576,49 +576,6 @@ def test_a_completed_rerun_after_a_crash_does_not_page(tmp_path: Path) -> None:
         {"TD3DriveEndpointDown": {gap + 7: [{}], start + 5: [], end + 6: [], MINUTES: []}},
     )
     _run_promtool_tests(tmp_path, [_test_group(series, checks)])
-
-
-# --- KubeRay ------------------------------------------------------------------
-
-
-def _cpus(value: str | int) -> float:
-    text = str(value)
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
-def test_rayjob_manifest_matches_the_cluster_config() -> None:
-    docs = list(yaml.safe_load_all(RAYJOB.read_text()))
-    kinds = {doc["kind"]: doc for doc in docs}
-    job, service = kinds["RayJob"], kinds["Service"]
-    assert job["apiVersion"] == "ray.io/v1"
-    assert "td3drive train --config deploy/cluster.yaml" in job["spec"]["entrypoint"]
-    config = load_config(DEPLOY / "cluster.yaml")
-
-    cluster = job["spec"]["rayClusterSpec"]
-    head = cluster["headGroupSpec"]["template"]
-    head_ports = {p["containerPort"] for c in head["spec"]["containers"] for p in c["ports"]}
-    assert config.run.metrics_port in head_ports
-    assert service["spec"]["ports"][0]["port"] == config.run.metrics_port
-    assert service["spec"]["selector"].items() <= head["metadata"]["labels"].items()
-
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    rollout, learner = groups["rollout"], groups["learner"]
-
-    def ray_cpus(group: dict[str, Any]) -> float:
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        cpus = group["rayStartParams"].get("num-cpus", limits["cpu"])
-        return float(group["replicas"]) * _cpus(cpus)
-
-    run = config.run
-    needed = (
-        config.rollout.num_workers * run.worker_num_cpus
-        + config.replay.num_shards * run.shard_num_cpus
-    )
-    assert ray_cpus(rollout) >= needed
-    assert ray_cpus(learner) >= run.learner_num_cpus
-    gpu_limits = learner["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert int(gpu_limits["nvidia.com/gpu"]) >= run.learner_num_gpus
-    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 # --- the endpoint (td3drive/prometheus.py) ---------------------------------------

@@ -137,6 +137,8 @@ def test_bare_checkpoint_uses_defaults_with_a_warning(
         ("--run-dir", "{run}", "--set", "no-equals-sign"),
         ("--run-dir", "{run}", "--set", "task.no_such_key=1"),
         ("--run-dir", "{run}", "--config", "{tmp}/missing.yaml"),
+        ("--run-dir", "{run}", "--video", "{tmp}/clip.avi"),
+        ("--run-dir", "{run}", "--video", "{tmp}/clip.mp4", "--video-fps", "0"),
     ],
     ids=[
         "missing-checkpoint",
@@ -145,6 +147,8 @@ def test_bare_checkpoint_uses_defaults_with_a_warning(
         "bad-syntax",
         "unknown-key",
         "bad-config",
+        "bad-video-suffix",
+        "bad-video-fps",
     ],
 )
 def test_errors_are_one_line_and_exit_2(
@@ -181,3 +185,41 @@ def test_episodes_default_to_ten() -> None:
     args = build_parser().parse_args(["evaluate", "--run-dir", "somewhere"])
     assert args.episodes == 10
     assert args.env is None and args.seed is None and args.overrides == []
+    assert args.video is None and args.video_episodes == 1 and args.video_fps is None
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_video_of_the_evaluation(
+    suffix: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--video`` writes a clip of the first ``--video-episodes`` episodes: the
+    env's view beside the policy's frame, one frame per step after the reset."""
+    from tests.test_video import assert_frames_have_content, read_frames
+
+    clip = tmp_path / "clips" / f"eval{suffix}"
+    code, result = evaluate(
+        tmp_path, "--run-dir", str(run_dir), "--video", str(clip), "--video-episodes", "2"
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(result["episodes"]) == 2
+    frames = sum(episode["length"] + 1 for episode in result["episodes"])
+    assert result["video"] == {
+        "path": str(clip.resolve()),
+        "format": suffix[1:],
+        "fps": 5.0,
+        "episodes": 2,
+        "frames": frames,
+        "size_bytes": clip.stat().st_size,
+    }
+    assert_frames_have_content(read_frames(clip), frames)
+    assert f"wrote {clip.resolve()} ({frames} frames of 2 episode(s)" in capsys.readouterr().err
+
+
+def test_video_episodes_beyond_the_evaluation_record_them_all(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    clip = tmp_path / "eval.mp4"
+    code, result = evaluate(
+        tmp_path, "--run-dir", str(run_dir), "--video", str(clip), "--video-episodes", "5"
+    )
+    assert code == 0 and result["video"]["episodes"] == 2  # --episodes 2

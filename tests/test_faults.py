@@ -25,7 +25,7 @@ from ray.util.state import list_actors
 
 from td3drive.config import config_from_dict
 from td3drive.driver import LEARNER_CHECKPOINT, STATE_FILE, TrainingError, TrainingRun
-from tests.test_train import tiny_config
+from tests.test_train import free_port, tiny_config
 
 HANG_S = 600.0
 """Only a real hang reaches this."""
@@ -35,7 +35,15 @@ HANG_S = 600.0
 def ray_with_state_api() -> Iterator[None]:
     """A local Ray instance with its dashboard: the state API (``ray list
     actors``) is how the tests find the actor processes to kill."""
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    # A free dashboard port: another Ray on this machine may hold the default
+    # 8265, and the state API would then ask the wrong cluster.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -54,7 +62,11 @@ def actor_pid(handle: Any) -> int:
     found: list[Any] = []
 
     def alive() -> bool:
-        found[:] = list_actors(filters=[("actor_id", "=", actor_id), ("state", "=", "ALIVE")])
+        found[:] = list_actors(
+            # This test's cluster, even when other Ray instances run on the machine.
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("actor_id", "=", actor_id), ("state", "=", "ALIVE")],
+        )
         return bool(found) and bool(found[0].pid)
 
     wait_until(alive, f"actor {actor_id} alive in the state API")

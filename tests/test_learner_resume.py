@@ -420,7 +420,7 @@ def test_policy_lag_is_never_negative() -> None:
 # ------------------------------------------------ the learner actor on real Ray
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

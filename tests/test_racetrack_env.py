@@ -145,3 +145,14 @@ def test_bad_action_is_rejected() -> None:
         env.step(np.array([np.nan, 0.0], np.float32))
     with pytest.raises(ValueError, match="float32\\[2\\]"):
         env.step(np.zeros(3, np.float32))
+
+
+def test_render_is_a_colour_top_down_view() -> None:
+    env = gym.make(rollout_workers.RACETRACK_ID, render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.shape == (336, 336, 3)
+    assert frame.std() > 10 and len(np.unique(frame.reshape(-1, 3), axis=0)) >= 4
+    env.step(np.array([0.0, 0.5], np.float32))
+    assert not np.array_equal(env.render(), frame)
+    env.close()

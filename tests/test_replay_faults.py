@@ -38,7 +38,7 @@ SHORT_TIMEOUT_S = 2.0  # replay.rate_limit_timeout_s where the test needs it to 
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import math
+import os
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from td3drive import metric_names as M
 from td3drive.config import DrivingTaskConfig
 from td3drive.report import (
     ReportError,
+    find_videos,
     learner_figure,
     load_metrics,
     make_report,
@@ -99,8 +102,8 @@ def test_report_writes_readable_pngs(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="td3drive.report"):
         paths = make_report(run_dir, stream=out)
 
-    assert [p.name for p in paths] == ["rollout.png", "learner.png", "system.png"]
-    for path in paths:
+    assert [p.name for p in paths] == ["rollout.png", "learner.png", "system.png", "index.html"]
+    for path in paths[:3]:
         assert path.parent == run_dir / "report"
         with Image.open(path) as image:
             assert image.format == "PNG"
@@ -110,6 +113,7 @@ def test_report_writes_readable_pngs(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert "skipped 1 malformed line(s) (first at line 5)" in caplog.text
     printed = out.getvalue()
     assert "12 line(s), 1 skipped" in printed
+    assert f"{(run_dir / 'report' / 'index.html').resolve()}: open in a browser" in printed
     assert "eval.return_mean: 31.5" in printed and "eval.success_rate: 0.67" in printed
 
 
@@ -255,3 +259,104 @@ def test_replay_census_classifies_crashes_stops_and_driving() -> None:
     }
     assert sum(result["fractions"].values()) == pytest.approx(1.0)
     assert result["policy_version_0_fraction"] == 1.0
+
+
+# --- the HTML page ---------------------------------------------------------------
+
+
+class _References(HTMLParser):
+    """The ``src``/``href`` of every tag, as ``(tag, attribute value)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found += [(tag, value) for name, value in attrs if name in ("src", "href") and value]
+
+
+def _references(page: Path) -> list[tuple[str, Path]]:
+    """``(tag, file)`` of every reference on the page, resolved against it;
+    asserts that each is relative (the run directory can move)."""
+    from urllib.parse import unquote
+
+    parser = _References()
+    parser.feed(page.read_text(encoding="utf-8"))
+    resolved = []
+    for tag, value in parser.found:
+        assert "://" not in value and not value.startswith("/"), value
+        resolved.append((tag, (page.parent / unquote(value)).resolve()))
+    return resolved
+
+
+def _clip(path: Path, frames: int, mtime: float) -> Path:
+    """A short real clip (MP4 or GIF by suffix) of moving frames, dated ``mtime``."""
+    from rollout_workers.video import EvaluationVideo, video_format, write_video
+
+    rng = np.random.default_rng(frames)
+    with EvaluationVideo(video_format(path), fps=5) as video:
+        for step in range(frames):
+            view = np.full((120, 160, 3), 90, np.uint8)
+            view[40:60, 10 + 10 * step : 30 + 10 * step] = (230, 200, 20)
+            observed = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+            video.add(view, observed, episode=0, step=step, action=[0.1, 0.5], speed_mps=8.0)
+        data = video.finish()
+    write_video(path, data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_html_report_embeds_the_curves_and_the_latest_clip(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path / "run with space")
+    (run_dir / "eval.jsonl").write_text(
+        json.dumps({"env_steps": 1000, "return_mean": 3.0})
+        + "\n"
+        + json.dumps({"env_steps": 2000, "return_mean": 7.5, "route_completion_mean": 0.25})
+        + "\n"
+    )
+    older = _clip(run_dir / "videos" / "eval-000001000.gif", 4, mtime=1_000_000)
+    latest = _clip(run_dir / "videos" / "eval-000002000.mp4", 9, mtime=2_000_000)
+    (run_dir / "videos" / "notes.txt").write_text("not a clip")
+    assert find_videos(run_dir) == [older, latest]
+
+    paths = make_report(run_dir, stream=io.StringIO())
+    page = run_dir / "report" / "index.html"
+    assert paths[-1] == page
+    frames = [p for p in paths if p.parent.name == "frames"]
+    assert [p.name for p in frames] == [
+        f"key-{i}-frame-{n}.png" for i, n in enumerate((0, 3, 5, 8))
+    ]
+
+    references = _references(page)
+    assert references, "the page references nothing"
+    for _, target in references:
+        assert target.is_file(), target
+    targets = {target for _, target in references}
+    assert ("video", latest.resolve()) in references  # embedded, plays in a browser
+    assert ("a", older.resolve()) in references  # earlier clips linked
+    assert {p.resolve() for p in paths if p.suffix == ".png"} <= targets  # curves and frames
+    for frame in frames:
+        with Image.open(frame) as image:
+            assert image.size == (672, 384) and np.asarray(image).std() > 10
+    text = page.read_text(encoding="utf-8")
+    assert "route_completion_mean" in text and "0.25" in text  # the latest evaluation
+    assert "eval.return_mean" in text  # summary.json
+
+
+def test_html_report_without_clips_and_with_a_broken_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = _write_run(tmp_path / "run")
+    paths = make_report(run_dir, stream=io.StringIO())
+    page = run_dir / "report" / "index.html"
+    assert [tag for tag, _ in _references(page)] == ["img", "img", "img"]
+    assert all(target.is_file() for _, target in _references(page))
+
+    broken = run_dir / "videos" / "eval-000000500.mp4"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an mp4")
+    with caplog.at_level(logging.WARNING, logger="td3drive.report"):
+        paths = make_report(run_dir, stream=io.StringIO())
+    assert "no key frames" in caplog.text
+    assert not [p for p in paths if p.parent.name == "frames"]
+    assert ("video", broken.resolve()) in _references(page)  # still offered

@@ -353,7 +353,7 @@ def test_prometheus_sees_the_nan_gauge_of_a_nan_run(tmp_path: Path) -> None:
 # ------------------------------------------------------------ faults (in-process)
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

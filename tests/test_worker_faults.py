@@ -321,7 +321,7 @@ def test_the_board_orders_by_generation_then_version() -> None:
 # ------------------------------------------------------------ Ray
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
