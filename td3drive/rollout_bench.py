@@ -99,6 +99,7 @@ def run_rollout_benchmark(
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(
+            address="local",  # its own instance, even beside a `ray start` cluster
             num_cpus=max(max(workers), os.cpu_count() or 1),
             include_dashboard=False,
             log_to_driver=False,

@@ -118,6 +118,7 @@ def run_sweep(
             + 2
         )
         ray.init(
+            address="local",  # its own instance, even beside a `ray start` cluster
             num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))),
             include_dashboard=False,
             log_to_driver=False,

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,12 @@ from tests.test_train import tiny_config
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
+# The `ray` CLI of this interpreter's environment (a venv's bin/), else PATH's.
+RAY = (
+    str(Path(sys.executable).with_name("ray"))
+    if Path(sys.executable).with_name("ray").exists()
+    else shutil.which("ray") or "ray"
+)
 HANG_S = 900.0
 
 
@@ -56,7 +63,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     cluster only (``ray stop`` would stop every Ray on the machine)."""
     directory = tmp_path_factory.mktemp("cluster")
     log = directory / "head.log"
-    dashboard = _free_port()
+    dashboard, gcs = _free_port(), _free_port()
     # Ray 2.60 clusters require a token; the `ray job` CLI sends it only in
     # token mode. This cluster's own token, as a user's ~/.ray/auth_token.
     token = directory / "auth_token"
@@ -74,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             "--head",
             "--block",
             "--num-cpus=2",
-            f"--port={_free_port()}",
+            f"--port={gcs}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
@@ -104,6 +111,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=60)
+        # `ray start` records the cluster for a bare ray.init() to join; a
+        # stopped head can leave the record behind: remove ours.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
+            record.unlink(missing_ok=True)
 
 
 def _ray(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ and faults (a worker or shard killed, resume, a NaN loss)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -107,6 +108,15 @@ def test_train_cli_writes_the_run_directory(tmp_path: Path) -> None:
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines and lines[-1]["env_steps"] >= 300
+    # Per-actor figures, as Prometheus has them, and current rates: a line's
+    # rate is its interval's steps over its interval's seconds.
+    assert set(lines[-1]["workers"]) == {"0", "1"} and set(lines[-1]["shards"]) == {"0", "1"}
+    assert all(w["env_steps_per_s"] > 0 for w in lines[-1]["workers"].values())
+    assert sum(s["inserted_transitions"] for s in lines[-1]["shards"].values()) > 0
+    for before, line in itertools.pairwise(lines):
+        interval = line["time_s"] - before["time_s"]
+        expected = (line["env_steps"] - before["env_steps"]) / interval
+        assert line["env_steps_per_s"] == pytest.approx(expected, rel=1e-6)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
