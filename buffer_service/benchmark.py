@@ -1,24 +1,38 @@
-"""``td3drive bench replay``: a shard's memory and speed against a naive buffer.
+"""``td3drive bench replay``: a shard's memory and speed against a naive buffer,
+and its sample path against the issue-11 one.
 
-The baseline stores obs and next_obs as uint8 arrays, one row per transition,
-as SB3's ``DictReplayBuffer`` does (with ``optimize_memory_usage=False``, the
-only mode it supports for Dict observations), and adds transitions one at a
-time as SB3's ``add`` does. Both sides are filled with the same transitions in
-the same run, single-threaded.
+The memory baseline stores obs and next_obs as uint8 arrays, one row per
+transition, as SB3's ``DictReplayBuffer`` does (with
+``optimize_memory_usage=False``, the only mode it supports for Dict
+observations), and adds transitions one at a time as SB3's ``add`` does. Both
+sides are filled with the same transitions in the same run, single-threaded.
+
+The sample-path comparison runs on one filled shard (plus an identical copy
+built with a decode thread pool): batches/s of the legacy path (per-row loop,
+decoding under the lock) and of the gather path (ids under the lock, each
+frame decoded once outside it), with 1 and 2 threads calling ``sample`` at
+once as a Ray shard's ``sample`` group does; then the insert rate of the full
+shard (each insert evicts a chunk) alone and while one thread samples it as
+fast as it can with each path. Last, the alternative of shipping a sample's
+frames compressed (each distinct frame once) and decoding them where the batch
+is used: the shard's cost, the bytes against the decoded batch's, and the
+receiver's decoding rate with each decode pool size. Every figure comes from the same run and
+process, so their ratios hold on the machine that ran it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import platform
+import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from buffer_service.codec import encode
+from buffer_service.codec import encode, payload_steps
 from buffer_service.shard import ReplayShard
 from buffer_service.synthetic import SyntheticEpisode, chunked
 from td3drive import spec
@@ -82,31 +96,25 @@ class NaiveReplay:
         )
 
 
-def run_replay_benchmark(
-    transitions: int = 8192,
-    chunk_steps: int = 64,
+def make_transitions(
+    transitions: int,
     episode_length: int = 512,
-    batch_size: int = 256,
-    sample_batches: int = 40,
     source: str = "synthetic",
     episodes_source: Callable[[int], list[Transition]] | None = None,
     progress: Progress = print,
-) -> dict[str, Any]:
-    """Fill one shard and one naive buffer with the same transitions; measure
-    bytes per transition, insert and sample throughput.
+) -> tuple[list[Transition], str]:
+    """The transitions a benchmark fills its buffers with, and a note on their origin.
 
     Args:
-        transitions: transitions to insert into each.
-        chunk_steps: steps per chunk (K).
-        episode_length: steps per synthetic episode (ends truncated).
-        batch_size: transitions per sampled batch.
-        sample_batches: batches timed on each side.
-        source: a name for the frames' origin, reported in the JSON.
+        transitions: how many.
+        episode_length: steps per synthetic episode (each ends truncated).
+        source: a name for the frames' origin.
         episodes_source: returns that many consecutive transitions (whole
             episodes, steps numbered from 0); ``None`` = synthetic frames.
 
     Returns:
-        The JSON document (keys in the CLI's help).
+        ``(transitions, source_note)``; episodes follow each other, each
+        starting at step 0.
 
     Raises:
         ValueError: a source other than ``"synthetic"`` without ``episodes_source``.
@@ -122,21 +130,76 @@ def run_replay_benchmark(
             length = min(episode_length, transitions - len(steps))
             steps += SyntheticEpisode(rng, episode, length, "truncated").transitions()
             episode += 1
-        source_note = (
-            "synthetic driving-like frames (scrolling road texture, ~1.2 KB per LZ4 frame)"
-        )
-    else:
-        progress(f"collecting {transitions} transitions from {source}")
-        steps = episodes_source(transitions)
-        source_note = f"frames from the simulator ({source})"
+        note = "synthetic driving-like frames (scrolling road texture, ~1.2 KB per LZ4 frame)"
+        return steps, note
+    progress(f"collecting {transitions} transitions from {source}")
+    return episodes_source(transitions), f"frames from the simulator ({source})"
+
+
+def split_episodes(steps: list[Transition]) -> list[list[Transition]]:
+    """Consecutive transitions cut where a step numbered 0 starts an episode."""
     episodes: list[list[Transition]] = []
     for step in steps:
-        if step.step == 0:
+        if step.step == 0 or not episodes:
             episodes.append([])
         episodes[-1].append(step)
+    return episodes
 
+
+def encode_chunks(steps: list[Transition], chunk_steps: int) -> list[bytes]:
+    """The payloads of ``steps`` cut into episodes, then chunks of ``chunk_steps``."""
+    return [encode(c) for ep in split_episodes(steps) for c in chunked(ep, chunk_steps)]
+
+
+def run_replay_benchmark(
+    transitions: int = 8192,
+    chunk_steps: int = 64,
+    episode_length: int = 512,
+    batch_size: int = 256,
+    sample_batches: int = 40,
+    source: str = "synthetic",
+    episodes_source: Callable[[int], list[Transition]] | None = None,
+    sampler_threads: Sequence[int] = (1, 2),
+    decode_threads: Sequence[int] = (1, 2),
+    insert_passes: int = 2,
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """Fill one shard and one naive buffer with the same transitions; measure
+    bytes per transition, insert and sample throughput; compare the legacy and
+    gather sample paths and the insert rate with and without sampling.
+
+    Args:
+        transitions: transitions to insert into each (the shard's capacity).
+        chunk_steps: steps per chunk (K).
+        episode_length: steps per synthetic episode (ends truncated).
+        batch_size: transitions per sampled batch.
+        sample_batches: batches timed per sampling thread and row.
+        source: a name for the frames' origin, reported in the JSON.
+        episodes_source: returns that many consecutive transitions (whole
+            episodes, steps numbered from 0); ``None`` = synthetic frames.
+        sampler_threads: counts of threads calling ``sample`` at once.
+        decode_threads: decode pool sizes of the gather path (1 = no pool).
+        insert_passes: times every payload is re-inserted into the full shard
+            for each insert-rate row.
+
+    Returns:
+        The JSON document (keys in the CLI's help).
+
+    Raises:
+        ValueError: a source other than ``"synthetic"`` without
+            ``episodes_source``, or empty/non-positive thread counts.
+    """
+    if not sampler_threads or min(sampler_threads) < 1:
+        raise ValueError("sampler_threads needs positive counts, e.g. 1,2")
+    if not decode_threads or min(decode_threads) < 1:
+        raise ValueError("decode_threads needs positive counts, e.g. 1,2")
+    if insert_passes < 1 or sample_batches < 1:
+        raise ValueError("insert_passes and sample_batches must be >= 1")
+    steps, source_note = make_transitions(
+        transitions, episode_length, source, episodes_source, progress
+    )
     start = time.perf_counter()
-    payloads = [encode(c) for ep in episodes for c in chunked(ep, chunk_steps)]
+    payloads = encode_chunks(steps, chunk_steps)
     encode_s = time.perf_counter() - start
     payload_bytes = sum(len(p) for p in payloads)
 
@@ -174,21 +237,69 @@ def run_replay_benchmark(
         "transitions/s"
     )
 
-    shard.sample(batch_size)
-    start = time.perf_counter()
-    for _ in range(sample_batches):
-        shard.sample(batch_size)
-    sample_s = time.perf_counter() - start
+    # The same contents in shards with a decode pool (identical inserts, untimed).
+    pooled = {1: shard}
+    for threads in sorted(set(decode_threads) - {1}):
+        pooled[threads] = ReplayShard(config, batch_size=batch_size, decode_threads=threads)
+        for payload in payloads:
+            pooled[threads].insert(payload)
+
+    rows: list[dict[str, Any]] = []
+    for method, pools in (("legacy", [1]), ("gather", sorted(set(decode_threads)))):
+        for pool_size in pools:
+            for callers in sorted(set(sampler_threads)):
+                rate = _sample_rate(pooled[pool_size], method, callers, sample_batches, batch_size)
+                rows.append(
+                    {
+                        "path": method,
+                        "sampler_threads": callers,
+                        "decode_threads": pool_size,
+                        "batches_per_s": rate,
+                    }
+                )
+                progress(
+                    f"sample {method}, {callers} sampler thread(s), {pool_size} decode "
+                    f"thread(s): {rate:.1f} batches/s of {batch_size}"
+                )
+    legacy_rate = rows[0]["batches_per_s"]
+    for row in rows:
+        row["speedup_vs_legacy"] = row["batches_per_s"] / legacy_rate
+    gather_rate = next(
+        r["batches_per_s"]
+        for r in rows
+        if r["path"] == "gather" and r["decode_threads"] == 1 and r["sampler_threads"] == 1
+    )
+
+    shipping = _compressed_shipping(pooled, sample_batches, batch_size)
+    progress(
+        f"ship compressed: {shipping['bytes_per_batch'] / 1e6:.2f} MB/batch instead of "
+        f"{shipping['raw_bytes_per_batch'] / 1e6:.2f} MB ({shipping['bytes_ratio']:.1f}x fewer), "
+        f"shard {shipping['shard_batches_per_s']:.1f} batches/s"
+    )
+
     naive.sample(batch_size)
     start = time.perf_counter()
     for _ in range(sample_batches):
         naive.sample(batch_size)
     naive_sample_s = time.perf_counter() - start
-    progress(
-        f"sample batch {batch_size}: ours {sample_batches / sample_s:.1f} batches/s, "
-        f"naive {sample_batches / naive_sample_s:.1f} batches/s"
-    )
-    return {
+    naive_rate = sample_batches / naive_sample_s
+    progress(f"sample batch {batch_size}: naive {naive_rate:.1f} batches/s")
+
+    inserts: list[dict[str, Any]] = []
+    for sampling in (None, "legacy", "gather"):
+        row = _insert_rate(shard, payloads * insert_passes, sampling, batch_size)
+        inserts.append(row)
+    alone = inserts[0]["insert_transitions_per_s"]
+    for row in inserts:
+        row["insert_rate_vs_alone"] = row["insert_transitions_per_s"] / alone
+        progress(
+            f"insert while sampling with {row['sampling'] or 'nothing'}: "
+            f"{row['insert_transitions_per_s']:,.0f} transitions/s "
+            f"({row['insert_rate_vs_alone']:.2f}x alone), sampling "
+            f"{row['sample_batches_per_s']:.1f} batches/s"
+        )
+
+    report = {
         "benchmark": "replay",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
@@ -205,7 +316,156 @@ def run_replay_benchmark(
         "insert_transitions_per_s": transitions / insert_s,
         "naive_insert_transitions_per_s": transitions / naive_insert_s,
         "batch_size": batch_size,
-        "sample_batches_per_s": sample_batches / sample_s,
-        "naive_sample_batches_per_s": sample_batches / naive_sample_s,
+        "sample_batches_per_s": gather_rate,
+        "legacy_sample_batches_per_s": legacy_rate,
+        "sample_speedup": gather_rate / legacy_rate,
+        "naive_sample_batches_per_s": naive_rate,
+        "sample_paths": rows,
+        "compressed_shipping": shipping,
+        "insert_while_sampling": inserts,
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
     }
+    progress(format_table(report))
+    return report
+
+
+def _sample_rate(
+    shard: ReplayShard, method: str, callers: int, batches: int, batch_size: int
+) -> float:
+    """Batches/s of ``callers`` threads each sampling ``batches`` batches at once."""
+    sample_once = shard._sample_legacy if method == "legacy" else shard.sample
+    sample_once(batch_size)  # warm up
+    barrier = threading.Barrier(callers + 1)
+    errors: list[BaseException] = []
+
+    def sample() -> None:
+        barrier.wait()
+        try:
+            for _ in range(batches):
+                sample_once(batch_size)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sample, daemon=True) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return callers * batches / elapsed
+
+
+def _compressed_shipping(
+    shards: dict[int, ReplayShard], batches: int, batch_size: int
+) -> dict[str, Any]:
+    """The alternative of shipping frames compressed: the shard's cost to
+    build a compressed sample, its bytes against the decoded batch's, and the
+    receiver's cost to decode it with each decode pool size."""
+    shard = shards[1]
+    shard._sample_compressed(batch_size)  # warm up
+    start = time.perf_counter()
+    for _ in range(batches):
+        shipped = shard._sample_compressed(batch_size)
+    shard_rate = batches / (time.perf_counter() - start)
+    decoded = shipped.decode()
+    raw = sum(a.nbytes for a in decoded.batch.arrays().values())
+    raw += decoded.ids.nbytes + decoded.policy_versions.nbytes
+    receiver = []
+    for threads in sorted(shards):
+        pool = shards[threads]._decode_pool
+        shipped.decode(pool, threads)  # warm up
+        start = time.perf_counter()
+        for _ in range(batches):
+            shipped.decode(pool, threads)
+        receiver.append(
+            {"decode_threads": threads, "batches_per_s": batches / (time.perf_counter() - start)}
+        )
+    return {
+        "shard_batches_per_s": shard_rate,
+        "bytes_per_batch": shipped.nbytes,
+        "raw_bytes_per_batch": raw,
+        "bytes_ratio": raw / shipped.nbytes,
+        "receiver_decode": receiver,
+    }
+
+
+def _insert_rate(
+    shard: ReplayShard, payloads: list[bytes], sampling: str | None, batch_size: int
+) -> dict[str, Any]:
+    """Insert ``payloads`` into the (full) shard, timed, while one thread
+    samples it in a loop with ``sampling`` (``None``: no sampling)."""
+    sample_once = shard._sample_legacy if sampling == "legacy" else shard.sample
+    stop = threading.Event()
+    sampled = [0]
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def sample() -> None:
+        try:
+            started.set()
+            while not stop.is_set():
+                sample_once(batch_size)
+                sampled[0] += 1
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=sample, daemon=True) if sampling else None
+    if thread is not None:
+        thread.start()
+        started.wait()
+    steps = 0
+    start = time.perf_counter()
+    for payload in payloads:
+        steps += payload_steps(payload)
+        shard.insert(payload)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    if thread is not None:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {
+        "sampling": sampling,
+        "insert_transitions_per_s": steps / elapsed,
+        "sample_batches_per_s": sampled[0] / elapsed,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The sample-path and insert rows of a ``bench replay`` report as a text table."""
+    lines = [
+        f"replay sample paths, batch {report['batch_size']}, {report['transitions']} "
+        f"transitions of {report['source']}",
+        f"{'path':<8} {'sampler thr':>11} {'decode thr':>10} {'batches/s':>10} {'vs legacy':>10}",
+    ]
+    for row in report["sample_paths"]:
+        lines.append(
+            f"{row['path']:<8} {row['sampler_threads']:>11} {row['decode_threads']:>10} "
+            f"{row['batches_per_s']:>10.1f} {row['speedup_vs_legacy']:>9.2f}x"
+        )
+    lines.append(
+        f"{'naive':<8} {1:>11} {'-':>10} {report['naive_sample_batches_per_s']:>10.1f} "
+        f"{report['naive_sample_batches_per_s'] / report['legacy_sample_batches_per_s']:>9.2f}x"
+    )
+    shipping = report["compressed_shipping"]
+    lines.append(
+        f"ship compressed ({shipping['bytes_ratio']:.1f}x fewer bytes): shard "
+        f"{shipping['shard_batches_per_s']:.1f} batches/s; receiver decode "
+        + ", ".join(
+            f"{r['batches_per_s']:.1f} batches/s with {r['decode_threads']} thread(s)"
+            for r in shipping["receiver_decode"]
+        )
+    )
+    lines.append(
+        f"{'inserts while sampling':<24} {'transitions/s':>14} {'vs alone':>9} {'samples/s':>10}"
+    )
+    for row in report["insert_while_sampling"]:
+        lines.append(
+            f"{row['sampling'] or 'nothing':<24} {row['insert_transitions_per_s']:>14,.0f} "
+            f"{row['insert_rate_vs_alone']:>8.2f}x {row['sample_batches_per_s']:>10.1f}"
+        )
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ import itertools
 import struct
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,6 +259,129 @@ class CompressedChunk:
             episode_id=self.episode_id,
             first_step=self.first_step,
         )
+
+
+def decompress_frames(
+    chunks: Sequence[CompressedChunk],
+    chunk_index: np.ndarray,
+    frame_index: np.ndarray,
+    pool: Executor | None = None,
+    parts: int = 1,
+) -> np.ndarray:
+    """Decompress many frames of several chunks into one array.
+
+    Row ``i`` of the result is frame ``frame_index[i]`` of
+    ``chunks[chunk_index[i]]``. The frames are decompressed in ``parts``
+    contiguous slices, on ``pool`` when one is given (``lz4`` releases the GIL
+    while it decompresses), each written straight into the result.
+
+    Args:
+        chunks: validated chunks (:func:`decode` test-decompressed every frame).
+        chunk_index: ``int[N]``, indices into ``chunks``.
+        frame_index: ``int[N]``, ``0 ≤ frame_index[i] < T + 4`` of that chunk.
+        pool: threads to decompress on; ``None`` decompresses in this thread.
+        parts: slices to split the work into (``≥ 1``; only used with ``pool``).
+
+    Returns:
+        ``uint8[N, 84, 84]``.
+
+    Raises:
+        IndexError: an index out of range.
+        ValueError: a frame that does not decompress to 84×84 bytes (not
+            possible for chunks that came through :func:`decode`).
+    """
+    starts, ends = frame_blocks(chunks, chunk_index, frame_index)
+    sources = [memoryview(c.frame_data) for c in chunks]
+    return decompress_blocks(sources, chunk_index, starts, ends, pool, parts)
+
+
+def frame_blocks(
+    chunks: Sequence[CompressedChunk], chunk_index: np.ndarray, frame_index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where frame ``frame_index[i]`` of ``chunks[chunk_index[i]]`` lies in
+    that chunk's ``frame_data``.
+
+    Returns:
+        ``(starts int64[N], ends int64[N])``, byte offsets.
+
+    Raises:
+        IndexError: an index out of range.
+    """
+    chunk_index = np.asarray(chunk_index, dtype=np.int64)
+    frame_index = np.asarray(frame_index, dtype=np.int64)
+    if chunk_index.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if frame_index.min() < 0:
+        raise IndexError("negative frame index")
+    # Every chunk's offset table, end to end: chunk c's starts at table_base[c].
+    tables = [c.frame_offsets for c in chunks]
+    table_size = np.asarray([t.shape[0] for t in tables], dtype=np.int64)
+    table_base = np.zeros(len(tables), dtype=np.int64)
+    np.cumsum(table_size[:-1], out=table_base[1:])
+    if (frame_index + 1 >= table_size[chunk_index]).any():
+        raise IndexError("frame index beyond its chunk's frames")
+    offsets = np.concatenate(tables).astype(np.int64)
+    where = table_base[chunk_index] + frame_index
+    return offsets[where], offsets[where + 1]
+
+
+def decompress_blocks(
+    sources: Sequence[bytes | memoryview],
+    source_index: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    pool: Executor | None = None,
+    parts: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decompress LZ4 frame blocks: row ``i`` of the result is the block
+    ``sources[source_index[i]][starts[i]:ends[i]]``, decompressed straight
+    into it, in ``parts`` slices on ``pool`` when one is given.
+
+    Args:
+        sources: byte buffers holding LZ4 blocks of 84×84 frames (no size prefix).
+        source_index: ``int[N]``, indices into ``sources``.
+        starts, ends: ``int[N]`` byte offsets of each block in its source.
+        pool: threads to decompress on; ``None`` decompresses in this thread.
+        parts: slices to split the work into (``≥ 1``; only used with ``pool``).
+        out: ``uint8[N, 84, 84]`` C-contiguous array to fill; ``None`` allocates one.
+
+    Returns:
+        ``out``: ``uint8[N, 84, 84]``.
+
+    Raises:
+        lz4.block.LZ4BlockError: a block that is not valid LZ4.
+        ValueError: a block that does not decompress to 84×84 bytes.
+    """
+    count = int(np.asarray(source_index).shape[0])
+    if out is None:
+        out = np.empty((count, *_FRAME_SHAPE), dtype=np.uint8)
+    if out.shape != (count, *_FRAME_SHAPE) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8[{count}, 84, 84], got {out.dtype}{list(out.shape)}")
+    if count == 0:
+        return out
+    views = [memoryview(source) for source in sources]
+    which = np.asarray(source_index, dtype=np.int64).tolist()
+    first = np.asarray(starts, dtype=np.int64).tolist()
+    last = np.asarray(ends, dtype=np.int64).tolist()
+    flat = out.reshape(-1).data  # writable bytes of `out`, to decompress straight into
+
+    def run(lo: int, hi: int) -> None:
+        decompress = lz4.block.decompress
+        for i in range(lo, hi):
+            data = views[which[i]][first[i] : last[i]]
+            flat[i * _FRAME_BYTES : (i + 1) * _FRAME_BYTES] = decompress(
+                data, uncompressed_size=_FRAME_BYTES
+            )
+
+    if pool is None or parts <= 1:
+        run(0, count)
+    else:
+        bounds = np.linspace(0, count, min(parts, count) + 1).astype(int).tolist()
+        futures = [pool.submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        for future in futures:
+            future.result()
+    return out
 
 
 def validate_chunk(chunk: Chunk) -> None:

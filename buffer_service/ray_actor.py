@@ -12,7 +12,8 @@ This is the only module of ``buffer_service/`` that imports Ray.
   slow or the rate limiter holds inserts back, ``push`` waits instead of
   queueing payloads in memory.
 * :class:`ReplaySampler` (learner): samples every shard in parallel,
-  proportionally to their sizes, into a bounded prefetch queue filled by a
+  proportionally to their sizes (which come back with each sample), with one
+  call per shard per batch and ``prefetch`` batches requested ahead by a
   background thread; under prioritized replay it sends each batch's TD errors
   back to the shards the samples came from, with a bounded number of priority
   updates in flight. When the replay gives no batch for
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from buffer_service import shard as _shard
 from buffer_service.codec import CodecError, payload_steps
@@ -421,17 +422,26 @@ class _Prefetch:
 
 
 class ReplaySampler:
-    """Keeps up to ``prefetch`` ready batches, each sampled from all shards in
-    parallel in proportion to their sizes.
+    """Keeps up to ``prefetch`` batches requested or ready, each sampled from
+    all shards in parallel in proportion to their sizes.
 
-    A background thread samples; when sampling fails (see :meth:`poll`) the
-    thread ends and its error is raised by every later :meth:`poll` /
-    :meth:`next` until :meth:`reset` starts a fresh thread.
+    A background thread samples. Each batch costs one call per shard, all sent
+    at once: a ``sample`` of the shard's share, whose reply carries the
+    shard's size (``SampledBatch.shard_size``) for splitting later batches,
+    or a ``size`` query for a shard whose share is 0. The shards' sizes are
+    asked once when the thread starts (and after a shard failed); later
+    splits use the sizes of the latest replies, at most ``prefetch`` batches
+    old. While the learner trains, up to ``prefetch`` batches are being
+    sampled or wait in the queue, so the round trip is hidden. When sampling
+    fails (see :meth:`poll`) the thread ends and its error is raised by every
+    later :meth:`poll` / :meth:`next` until :meth:`reset` starts a fresh thread.
 
     Args:
         shards: shard actor handles.
         batch_size: transitions per batch.
-        prefetch: batches kept ready (queue bound).
+        prefetch: batches requested ahead or ready to hand out, ``≥ 1``
+            (bounds the queue and the requests in flight: at most
+            ``prefetch + 1`` batches exist at once, one of them being joined).
         timeout_s: the replay timeout (``replay.rate_limit_timeout_s``), s:
             how long :meth:`next` waits for a batch, how long the shards get to
             answer a size query, how long sampling may keep failing because a
@@ -443,6 +453,12 @@ class ReplaySampler:
 
     Attributes:
         batches: batches handed out.
+        sample_requests: ``sample`` calls sent to shards (one per shard in a
+            batch, prefetched batches included).
+        size_queries: ``size`` calls sent to shards: one per shard when a
+            prefetch thread starts or a shard failed, and one per batch to each
+            shard whose share of the batch was 0 (the others report their size
+            with their sample).
         shard_failures: samples retried because a shard was dead.
         priority_batches: batches whose TD errors were sent to the shards.
         priority_transitions_updated: transitions the shards acknowledged as
@@ -475,6 +491,8 @@ class ReplaySampler:
         self.batches = 0
         self.shard_failures = 0
         self.resets = 0
+        self.sample_requests = 0
+        self.size_queries = 0
         self.max_priority_batches_in_flight = max_priority_batches_in_flight
         # One entry per batch: its (ref, transitions) per shard, oldest first.
         self._priority_in_flight: deque[list[tuple[ray.ObjectRef, int]]] = deque()
@@ -657,11 +675,27 @@ class ReplaySampler:
 
     def _fill(self, prefetch: _Prefetch) -> None:
         failing_since: float | None = None
+        sizes: list[int] | None = None  # the shards' sizes, as their last replies gave them
+        pending: deque[list[_Request]] = deque()  # batches requested, oldest first
         while not prefetch.stop.is_set():
             try:
-                item: ShardedSample | BaseException = self._sample_once()
+                if sizes is None:
+                    sizes = self._query_sizes(prefetch)
+                    if sizes is None:
+                        return  # stopped while waiting
+                # Keep up to `prefetch` batches requested or ready (at least one
+                # requested): the shards sample the next batches while this one
+                # travels and the learner trains.
+                while not pending or len(pending) + prefetch.queue.qsize() < self.prefetch:
+                    pending.append(self._request(sizes))
+                collected = self._collect(pending.popleft(), sizes, prefetch)
+                if collected is None:
+                    return  # stopped while waiting
+                item: ShardedSample | BaseException = collected
                 failing_since = None
             except RayActorError as exc:  # a shard died; Ray restarts it from its snapshot
+                sizes = None  # the restarted shard holds its snapshot's transitions
+                pending.clear()
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since < self.timeout_s:
@@ -685,43 +719,117 @@ class ReplaySampler:
             if isinstance(item, BaseException):
                 return
 
-    def _sample_once(self) -> ShardedSample:
-        try:
-            sizes = ray.get([s.size.remote() for s in self._shards], timeout=self.timeout_s)
-        except GetTimeoutError:
-            raise ReplayTimeoutError(
-                self.timeout_s, "the replay shards did not answer a size query"
-            ) from None
-        counts = split_proportionally(self.batch_size, sizes)
-        refs = [
-            (index, self._shards[index].sample.remote(count))
-            for index, count in enumerate(counts)
-            if count > 0
-        ]
-        try:
-            parts = ray.get([ref for _, ref in refs], timeout=self.timeout_s + SAMPLE_REPLY_GRACE_S)
-        except GetTimeoutError:
-            raise ReplayTimeoutError(
-                self.timeout_s, "the replay shards did not answer a sample"
-            ) from None
-        except RayTaskError as exc:
-            if isinstance(exc.cause, RayActorError):
-                raise exc.cause from None
-            if isinstance(exc.cause, RateLimiterTimeout):
-                raise ReplayTimeoutError(
-                    self.timeout_s,
-                    f"too little data to sample (are the rollout workers inserting?): {exc.cause}",
-                ) from None
-            raise exc.as_instanceof_cause() from None
-        return ShardedSample(
-            sampled=concatenate([p for p in parts]),
-            shard_index=np.concatenate(
-                [
-                    np.full(p.ids.shape[0], index, np.int64)
-                    for (index, _), p in zip(refs, parts, strict=True)
-                ]
-            ),
+    def _query_sizes(self, prefetch: _Prefetch) -> list[int] | None:
+        """Every shard's size (one call each); ``None`` if stopped meanwhile.
+
+        Raises:
+            ReplayTimeoutError: no answer within ``timeout_s``.
+            RayActorError: a shard is dead.
+        """
+        self.size_queries += len(self._shards)
+        refs = [shard.size.remote() for shard in self._shards]
+        got = self._wait_all(refs, self.timeout_s, "a size query", prefetch)
+        return None if got is None else [int(size) for size in got]
+
+    def _request(self, sizes: Sequence[int]) -> list[_Request]:
+        """Send one batch's requests to all shards at once: a sample to each
+        shard whose share (in proportion to ``sizes``) is not 0, a size query
+        to the others, so that every shard's size stays current."""
+        requests = []
+        for index, count in enumerate(split_proportionally(self.batch_size, sizes)):
+            shard = self._shards[index]
+            if count > 0:
+                self.sample_requests += 1
+                requests.append(_Request(index, count, shard.sample.remote(count)))
+            else:
+                self.size_queries += 1
+                requests.append(_Request(index, 0, shard.size.remote()))
+        return requests
+
+    def _collect(
+        self, requests: list[_Request], sizes: list[int], prefetch: _Prefetch
+    ) -> ShardedSample | None:
+        """Wait for one batch's replies, update ``sizes`` in place from them,
+        and join the samples; ``None`` if stopped meanwhile.
+
+        Raises:
+            ReplayTimeoutError: no reply within ``timeout_s`` plus
+                :data:`SAMPLE_REPLY_GRACE_S`, or a shard's rate limiter timed out.
+            RayActorError: a shard is dead.
+            Exception: any other error a shard raised.
+        """
+        replies = self._wait_all(
+            [r.ref for r in requests],
+            self.timeout_s + SAMPLE_REPLY_GRACE_S,
+            "a sample",
+            prefetch,
         )
+        if replies is None:
+            return None
+        parts: list[SampledBatch] = []
+        where: list[np.ndarray] = []
+        for request, reply in zip(requests, replies, strict=True):
+            if request.count == 0:
+                sizes[request.shard] = int(reply)
+                continue
+            if reply.shard_size is not None:
+                sizes[request.shard] = int(reply.shard_size)
+            parts.append(reply)
+            where.append(np.full(reply.ids.shape[0], request.shard, np.int64))
+        return ShardedSample(sampled=concatenate(parts), shard_index=np.concatenate(where))
+
+    def _wait_all(
+        self, refs: list[ray.ObjectRef], timeout_s: float, what: str, prefetch: _Prefetch
+    ) -> list[Any] | None:
+        """The values of ``refs``, waiting up to ``timeout_s`` in short slices
+        so that a reset is not held up; ``None`` if ``prefetch`` is stopped
+        first. A shard's error is raised as soon as its reply arrives.
+
+        Raises:
+            ReplayTimeoutError: the replies did not all arrive in time, or a
+                shard's rate limiter timed out.
+            RayActorError: a shard is dead.
+            Exception: any other error a shard raised (as its own type).
+        """
+        deadline = time.monotonic() + timeout_s
+        values: dict[ray.ObjectRef, Any] = {}
+        waiting = list(refs)
+        while waiting:
+            if prefetch.stop.is_set():
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ReplayTimeoutError(self.timeout_s, f"the replay shards did not answer {what}")
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=min(remaining, 0.5))
+            for ref in ready:
+                values[ref] = _get_reply(ref, self.timeout_s)
+        return [values[ref] for ref in refs]
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One shard's part of a requested batch: a sample of ``count`` (an
+    ``ObjectRef`` of a :class:`SampledBatch`), or with ``count == 0`` a size query."""
+
+    shard: int
+    count: int
+    ref: ray.ObjectRef
+
+
+def _get_reply(ref: ray.ObjectRef, timeout_s: float) -> Any:
+    """``ray.get`` of a ready reply, with the shard's errors mapped as the
+    sampler raises them (:meth:`ReplaySampler.poll`)."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, RayActorError):
+            raise exc.cause from None
+        if isinstance(exc.cause, RateLimiterTimeout):
+            raise ReplayTimeoutError(
+                timeout_s,
+                f"too little data to sample (are the rollout workers inserting?): {exc.cause}",
+            ) from None
+        raise exc.as_instanceof_cause() from None
 
 
 def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
@@ -735,6 +843,8 @@ def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
     weight ``(N·(N_s/N)·P_s(i))^−β = w_i·c_s`` (Schaul et al. 2016, §3.4). The
     joined weights are ``w_i·c_s / max_s c_s``: normalised by the largest weight
     of the participating shards' live transitions, as one shard alone would be.
+
+    ``shard_size`` of the result is the parts' total (``None`` if one lacks it).
 
     Raises:
         ValueError: some parts are weighted and others not, or a weighted part
@@ -762,9 +872,11 @@ def concatenate(parts: Sequence[SampledBatch]) -> SampledBatch:
                 for b, s in zip(batches, scales, strict=True)
             ]
         ).astype(np.float32)
+    sizes = [p.shard_size for p in parts]
     return SampledBatch(
         batch=Batch(**fields, weight=weight),
         ids=np.concatenate([p.ids for p in parts]),
         policy_versions=np.concatenate([p.policy_versions for p in parts]),
         weight_scale=scale,
+        shard_size=None if None in sizes else sum(s or 0 for s in sizes),
     )

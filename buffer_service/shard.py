@@ -5,6 +5,11 @@ threaded Ray actor with separate concurrency groups for inserts, samples and
 everything else, where a blocked ``insert`` or ``sample`` waits in its own
 thread on a condition variable while other calls go on; tests drive it
 in-process with threads.
+
+A sample holds the lock only to wait for the rate limiter, draw ids and take
+references to the chunks they fall in; it decompresses and gathers outside
+it (chunks are immutable), optionally on a small thread pool, so an insert
+waits for the lock for microseconds, not for a whole batch's decoding.
 """
 
 from __future__ import annotations
@@ -15,17 +20,20 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from buffer_service.codec import CodecError, decode
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
-from buffer_service.storage import ReplayStorage, SampledBatch
+from buffer_service.storage import CompressedSample, ReplayStorage, SampledBatch
 from td3drive.config import ReplayConfig
 from td3drive.storage import RunStorage
+
+_T = TypeVar("_T")
 
 RESTARTS_FILE = "restarts.json"
 """Written in the snapshot directory each time a shard comes back from a crash,
@@ -50,9 +58,13 @@ class ReplayShard:
         seed: sampling seed (offset by ``shard_index``).
         restarted: this process replaces one that died (the Ray wrapper passes
             ``was_current_actor_reconstructed``); counted in ``restarts``.
+        decode_threads: threads that decompress a sample's frames, ``≥ 1``;
+            1 decompresses in the calling thread (``lz4`` releases the GIL, so
+            more threads help only where the shard has cores to spare).
 
     Raises:
-        ValueError: a tolerance too small for ``batch_size`` and ``chunk_steps``.
+        ValueError: a tolerance too small for ``batch_size`` and ``chunk_steps``,
+            or ``decode_threads < 1``.
         buffer_service.snapshot.SnapshotError: ``snapshot_dir`` holds a
             damaged snapshot with a valid done marker.
     """
@@ -65,8 +77,17 @@ class ReplayShard:
         snapshot_dir: str | Path | None = None,
         seed: int = 0,
         restarted: bool = False,
+        decode_threads: int = 1,
     ) -> None:
+        if decode_threads < 1:
+            raise ValueError("decode_threads must be >= 1")
         self.config = config
+        self.decode_threads = decode_threads
+        self._decode_pool = (
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="replay-decode")
+            if decode_threads > 1
+            else None
+        )
         self.shard_index = shard_index
         # The snapshot directory's storage, and its location (absolute path or URI).
         self._snapshots = RunStorage(snapshot_dir) if snapshot_dir is not None else None
@@ -172,18 +193,46 @@ class ReplayShard:
         ``min_size_to_sample`` is reached and while the learner is ahead of
         the target replay ratio.
 
+        The lock is held to wait, draw the ids and count the sample; the
+        frames are decompressed (on the decode pool, if any) and the batch
+        gathered after it is released.
+
+        Returns:
+            The batch, ids, policy versions and ``shard_size`` (transitions
+            held when the ids were drawn).
+
         Raises:
             RateLimiterTimeout: waited ``rate_limit_timeout_s``.
             ValueError: ``batch_size < 1``.
         """
+        plan = self._take_sample(batch_size, self._storage.plan_sample)
+        return plan.gather(self._decode_pool, self.decode_threads)
+
+    def _sample_legacy(self, batch_size: int) -> SampledBatch:
+        """:meth:`sample` as issue 11 did it: decoded under the lock by the
+        per-row loop. The same batch for the same sampling RNG state; kept for
+        the equivalence tests and as ``bench replay``'s baseline."""
+        return self._take_sample(
+            batch_size, lambda size: self._storage.sample(size, method="legacy")
+        )
+
+    def _sample_compressed(self, batch_size: int) -> CompressedSample:
+        """:meth:`sample` with the frames left compressed, to be decoded by
+        the caller (:meth:`CompressedSample.decode`); measured by ``bench
+        replay``, not served over Ray."""
+        return self._take_sample(batch_size, self._storage.plan_sample).compressed()
+
+    def _take_sample(self, batch_size: int, take: Callable[[int], _T]) -> _T:
+        """Under the lock: wait for the rate limiter, ``take(batch_size)``
+        from the storage, count the sample and wake waiting inserts."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         with self._cond:
             self._wait(lambda: self._limiter.can_sample(batch_size), "sample")
-            sampled = self._storage.sample(batch_size)
+            taken = take(batch_size)
             self._limiter.record_sample(batch_size)
             self._cond.notify_all()
-            return sampled
+            return taken
 
     def release_rate_limit(self) -> None:
         """Stop enforcing the replay ratio (``min_size_to_sample`` still holds)

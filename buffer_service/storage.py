@@ -6,7 +6,12 @@ Every inserted transition gets a global id; ids are consecutive in insertion
 order, and eviction removes whole chunks from the oldest end, so the live ids
 are always the contiguous range ``[oldest_id, next_id)``. Sampling draws ids
 from that range (uniformly, or proportionally to priorities) and rebuilds the
-frame stacks from the chunk's once-stored frames.
+frame stacks from the chunk's once-stored frames, in two steps so a shard
+decodes outside its lock: :meth:`ReplayStorage.plan_sample` draws the ids and
+takes references to their (immutable) chunks, :meth:`SamplePlan.gather`
+decompresses each frame the batch needs once and gathers every array with
+numpy. The issue-11 per-row loop stays as ``sample(..., method="legacy")``,
+the reference the tests compare against and the benchmark's baseline.
 
 n-step returns (Sutton & Barto 2018, §7.1) are computed within a chunk when
 it is inserted: for step ``t`` of a ``T``-step chunk, ``k = min(n, T − t)``,
@@ -28,12 +33,18 @@ most ``n · 1e6``); the clip guards chunks that did not come through it.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from buffer_service.codec import CompressedChunk
+from buffer_service.codec import (
+    CompressedChunk,
+    decompress_blocks,
+    decompress_frames,
+    frame_blocks,
+)
 from td3drive import spec
 from td3drive.spec import Batch
 
@@ -61,12 +72,16 @@ class SampledBatch:
             ``batch.weight · weight_scale`` is the unnormalised ``(N·P(i))^−β``
             (:func:`buffer_service.ray_actor.concatenate` renormalises samples
             of several shards with it); ``None`` under uniform sampling.
+        shard_size: transitions the storage held when the sample was drawn
+            (the sampler splits its next batches over shards with it, instead
+            of asking each shard its size); ``None`` when unknown.
     """
 
     batch: Batch
     ids: np.ndarray
     policy_versions: np.ndarray
     weight_scale: float | None = None
+    shard_size: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +92,208 @@ class _Stored:
     nstep_discount: np.ndarray  # float32[T]
     nstep_k: np.ndarray  # int16[T]
     nbytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class SamplePlan:
+    """A sample chosen under the shard's lock and not yet decoded
+    (:meth:`ReplayStorage.plan_sample`).
+
+    Attributes:
+        ids: ``int64[B]`` transition ids, in draw order.
+        chunks: the distinct chunks the rows fall in, oldest first
+            (references: chunks are immutable, eviction only drops them).
+        row_chunk: ``int64[B]``, each row's index into ``chunks``.
+        offsets: ``int64[B]``, each row's step ``t`` within its chunk.
+        weight: ``float32[B]`` importance weights under prioritized sampling, else ``None``.
+        weight_scale: as :attr:`SampledBatch.weight_scale`.
+        size: transitions the storage held when the plan was made.
+    """
+
+    ids: np.ndarray
+    chunks: tuple[_Stored, ...]
+    row_chunk: np.ndarray
+    offsets: np.ndarray
+    weight: np.ndarray | None
+    weight_scale: float | None
+    size: int
+
+    def gather(self, pool: Executor | None = None, parts: int = 1) -> SampledBatch:
+        """Decode and assemble the batch; needs no lock.
+
+        Each frame the batch needs is decompressed once (``obs`` and
+        ``next_obs`` of a row share ``4 − k`` frames; rows of one chunk share
+        more), then the stacks are gathered with one ``np.take``.
+
+        Args:
+            pool: threads to decompress frames on (``None``: this thread).
+            parts: slices the frames are split into on ``pool``, ``≥ 1``.
+
+        Returns:
+            The sample, identical to what the legacy per-row loop returns for
+            the same ids: ``obs_image``/``next_obs_image`` ``uint8[B,4,84,84]``,
+            vectors ``float32[B,23]``, ``action float32[B,2]``, n-step
+            ``reward``/``discount`` ``float32[B]``, ``policy_versions int64[B]``.
+        """
+        layout = self._layout()
+        frames = decompress_frames(
+            [s.chunk for s in self.chunks], layout.owner, layout.frame, pool, parts
+        )
+        return layout.assemble(frames)
+
+    def compressed(self) -> CompressedSample:
+        """The sample with its distinct frames still LZ4-compressed, to be
+        decoded where it is used (:meth:`CompressedSample.decode`); needs no lock.
+
+        Returns:
+            A :class:`CompressedSample` whose ``decode()`` equals :meth:`gather`.
+        """
+        layout = self._layout()
+        chunks = [s.chunk for s in self.chunks]
+        starts, ends = frame_blocks(chunks, layout.owner, layout.frame)
+        views = [memoryview(c.frame_data) for c in chunks]
+        bounds = zip(layout.owner.tolist(), starts.tolist(), ends.tolist(), strict=True)
+        data = b"".join([views[c][a:b] for c, a, b in bounds])
+        offsets = np.zeros(starts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        return CompressedSample(frame_data=data, frame_offsets=offsets, layout=layout)
+
+    def _layout(self) -> _Layout:
+        stored = self.chunks
+        steps = np.fromiter((s.chunk.num_steps for s in stored), np.int64, count=len(stored))
+        step_base = np.zeros(len(stored), dtype=np.int64)
+        np.cumsum(steps[:-1], out=step_base[1:])
+        chunk_no = np.arange(len(stored), dtype=np.int64)
+        j, t = self.row_chunk, self.offsets
+        row = step_base[j] + t  # index into the chunks' per-step arrays, end to end
+        k = np.concatenate([s.nstep_k for s in stored]).astype(np.int64)[row]
+        vectors = np.concatenate([s.chunk.vectors for s in stored])
+        vector_row = row + j  # T + 1 vectors per chunk
+        stack = spec.FRAME_STACK
+        # Frames: T + 4 per chunk; row i needs t..t+3 and t+k..t+k+3 of its chunk.
+        frame_base = step_base + stack * chunk_no
+        lanes = np.arange(stack, dtype=np.int64)
+        first = frame_base[j] + t
+        wanted = np.concatenate(
+            [(first[:, None] + lanes).ravel(), ((first + k)[:, None] + lanes).ravel()]
+        )
+        distinct, where = np.unique(wanted, return_inverse=True)
+        owner = np.searchsorted(frame_base, distinct, side="right") - 1
+        return _Layout(
+            owner=owner,
+            frame=distinct - frame_base[owner],
+            where=where.reshape(-1).astype(np.int32),
+            obs_vector=vectors[vector_row],
+            next_obs_vector=vectors[vector_row + k],
+            action=np.concatenate([s.chunk.actions for s in stored])[row],
+            reward=np.concatenate([s.nstep_reward for s in stored])[row],
+            discount=np.concatenate([s.nstep_discount for s in stored])[row],
+            weight=self.weight,
+            ids=self.ids,
+            policy_versions=np.concatenate([s.chunk.versions for s in stored])[row].astype(
+                np.int64
+            ),
+            weight_scale=self.weight_scale,
+            size=self.size,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """A sample with everything but its frames gathered: the distinct frames
+    it needs (``owner``: chunk, ``frame``: index in it, both ``int64[F]``) and
+    ``where`` (``int32[2·B·4]``): obs then next_obs stacks as indices into them."""
+
+    owner: np.ndarray
+    frame: np.ndarray
+    where: np.ndarray
+    obs_vector: np.ndarray
+    next_obs_vector: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    discount: np.ndarray
+    weight: np.ndarray | None
+    ids: np.ndarray
+    policy_versions: np.ndarray
+    weight_scale: float | None
+    size: int
+
+    def assemble(self, frames: np.ndarray) -> SampledBatch:
+        """The sample, given its distinct frames ``uint8[F, 84, 84]``."""
+        # np.take copies whole 84×84 rows (several times faster than fancy indexing here).
+        images = np.take(frames, self.where, axis=0).reshape(2, -1, *spec.IMAGE_SHAPE)
+        batch = Batch(
+            obs_image=images[0],
+            obs_vector=self.obs_vector,
+            action=self.action,
+            reward=self.reward,
+            discount=self.discount,
+            next_obs_image=images[1],
+            next_obs_vector=self.next_obs_vector,
+            weight=self.weight,
+        )
+        return SampledBatch(
+            batch=batch,
+            ids=self.ids,
+            policy_versions=self.policy_versions,
+            weight_scale=self.weight_scale,
+            shard_size=self.size,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedSample:
+    """A sample that travels with its frames LZ4-compressed (each distinct
+    frame once, ~1.1 KB instead of 7 KB) and is decoded where it is used,
+    e.g. by the learner on its own threads (:meth:`SamplePlan.compressed`).
+
+    Attributes:
+        frame_data: the distinct frames' LZ4 blocks, end to end.
+        frame_offsets: ``int64[F+1]``; frame ``i`` is ``frame_data[o[i]:o[i+1]]``.
+    """
+
+    frame_data: bytes
+    frame_offsets: np.ndarray
+    layout: _Layout
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this sample carries (frames, offsets and the gathered arrays)."""
+        arrays = [
+            self.frame_offsets,
+            self.layout.where,
+            self.layout.obs_vector,
+            self.layout.next_obs_vector,
+            self.layout.action,
+            self.layout.reward,
+            self.layout.discount,
+            self.layout.ids,
+            self.layout.policy_versions,
+        ]
+        if self.layout.weight is not None:
+            arrays.append(self.layout.weight)
+        return len(self.frame_data) + sum(a.nbytes for a in arrays)
+
+    def decode(self, pool: Executor | None = None, parts: int = 1) -> SampledBatch:
+        """Decompress the frames and assemble the sample (as :meth:`SamplePlan.gather`).
+
+        Args:
+            pool: threads to decompress frames on (``None``: this thread).
+            parts: slices the frames are split into on ``pool``, ``≥ 1``.
+
+        Raises:
+            lz4.block.LZ4BlockError, ValueError: corrupted frame data.
+        """
+        offsets = self.frame_offsets
+        frames = decompress_blocks(
+            [self.frame_data],
+            np.zeros(offsets.shape[0] - 1, dtype=np.int64),
+            offsets[:-1],
+            offsets[1:],
+            pool,
+            parts,
+        )
+        return self.layout.assemble(frames)
 
 
 def nstep_targets(
@@ -233,23 +450,70 @@ class ReplayStorage:
         self._starts_dirty = True
 
     # ---------------------------------------------------------------- sample
-    def sample(self, batch_size: int) -> SampledBatch:
+    def sample(self, batch_size: int, method: str = "gather") -> SampledBatch:
         """Draw ``batch_size`` transitions (with replacement) and rebuild
         their observation stacks.
+
+        Args:
+            batch_size: transitions to draw, ``≥ 1``.
+            method: ``"gather"`` (:meth:`plan_sample` then
+                :meth:`SamplePlan.gather`: each needed frame decoded once,
+                rows gathered with numpy) or ``"legacy"`` (the per-row loop
+                of issue 11, kept as the reference and the benchmark's
+                baseline). Both return identical batches for the same RNG
+                state and contents.
+
+        Raises:
+            ValueError: the storage is empty, ``batch_size < 1`` or an
+                unknown ``method``.
+        """
+        if method == "gather":
+            return self.plan_sample(batch_size).gather()
+        if method == "legacy":
+            return self._sample_legacy(batch_size)
+        raise ValueError(f"unknown sample method {method!r}; expected 'gather' or 'legacy'")
+
+    def plan_sample(self, batch_size: int) -> SamplePlan:
+        """Draw the ids of a sample and take references to the chunks they
+        live in, without decoding anything: the part of a sample that needs
+        the shard's lock. Chunks are immutable, so the plan stays valid after
+        they are evicted; :meth:`SamplePlan.gather` decodes it outside the lock.
+
+        Counts the sample in ``sampled_transitions``.
 
         Raises:
             ValueError: the storage is empty or ``batch_size < 1``.
         """
+        ids, weight, weight_scale = self._draw(batch_size)
+        starts = self._chunk_starts()
+        which = np.searchsorted(starts, ids, side="right") - 1
+        distinct, row_chunk = np.unique(which, return_inverse=True)
+        self.counters["sampled_transitions"] += batch_size
+        return SamplePlan(
+            ids=ids.astype(np.int64),
+            chunks=tuple(self._chunks[i] for i in distinct.tolist()),
+            row_chunk=row_chunk.reshape(-1).astype(np.int64),
+            offsets=(ids - starts[which]).astype(np.int64),
+            weight=weight,
+            weight_scale=weight_scale,
+            size=self.size,
+        )
+
+    def _draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+        """``(ids int64[B], weights float32[B] or None, weight_scale or None)``
+        from the sampling RNG (one draw of ``batch_size`` values)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay shard")
-        weight = None
-        weight_scale = None
         if self.prioritized:
-            ids, weight, weight_scale = self._sample_prioritized(batch_size)
-        else:
-            ids = self._rng.integers(self.oldest_id, self.next_id, size=batch_size)
+            return self._sample_prioritized(batch_size)
+        return self._rng.integers(self.oldest_id, self.next_id, size=batch_size), None, None
+
+    def _sample_legacy(self, batch_size: int) -> SampledBatch:
+        """The issue-11 sample path: a per-row loop that decompresses every
+        row's 8 frames (4 of them twice at n = 1), under the caller's lock."""
+        ids, weight, weight_scale = self._draw(batch_size)
         starts = self._chunk_starts()
         which = np.searchsorted(starts, ids, side="right") - 1
         offsets = ids - starts[which]
@@ -295,6 +559,7 @@ class ReplayStorage:
             ids=ids.astype(np.int64),
             policy_versions=versions,
             weight_scale=weight_scale,
+            shard_size=self.size,
         )
 
     def _chunk_starts(self) -> np.ndarray:

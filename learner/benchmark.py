@@ -1,14 +1,25 @@
-"""``td3drive bench learner``: TD3 updates/s, ours against a plain reference.
+"""``td3drive bench learner``: TD3 updates/s, ours against a plain reference,
+and ours with each speed option on.
 
 The reference is the same TD3 update (same networks from
 :mod:`learner.networks`, same Adam, same feature reuse for the actor loss) as a
-bare PyTorch loop with none of the learner's machinery: no batch validation,
-no gradient clipping or norm measurement, no NaN checks, no metrics. The ratio
-``ours / reference`` is therefore the cost of that machinery. Both sides get
-the same numpy batches and copy them to the device inside the timed loop, and
-their timed segments are interleaved so machine drift hits both alike.
+bare fp32 PyTorch loop with none of the learner's machinery: no batch
+validation, no gradient clipping or norm measurement, no NaN checks, no
+metrics. Every variant of ours runs as the learner actor runs it
+(:meth:`TD3Learner.update_deferred`, metrics fetched every ``fetch_every``
+updates), plus one row of the per-update path (:meth:`TD3Learner.update`,
+metrics fetched after every update, as before issue 13). Option rows turn on
+one :class:`td3drive.config.LearnerConfig` speed option each (``OPTIONS``);
+the ``all`` row turns on every selected one the device supports, and
+``all_but_compile`` the same without ``torch.compile``.
 
-Augmentation is off on both sides (``random_shift_pad=0``); one extra row
+All variants get the same numpy batches and copy them to the device inside
+the timed loop; their timed segments are interleaved round-robin (the order
+reversed every other round) so machine drift hits all alike. torch's
+intra-op thread count is set as the learner actor sets it
+(:func:`learner_torch_threads`), or as given.
+
+Augmentation is off everywhere (``random_shift_pad=0``); one extra row
 measures ours with DrQ random shift, to show what it costs.
 """
 
@@ -17,7 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +37,7 @@ import torch.nn.functional as F
 
 from learner.networks import ActorHead, TwinQHead, encoder_for
 from learner.td3 import TD3Learner, frozen_copy, resolve_device
-from td3drive.config import LearnerConfig
+from td3drive.config import LearnerConfig, RunConfig
 from td3drive.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
 
 Progress = Callable[[str], None]
@@ -132,6 +143,62 @@ def synthetic_batches(batch_size: int, count: int, seed: int = 0) -> list[Batch]
     return [one() for _ in range(count)]
 
 
+# Speed options, one row each: the LearnerConfig fields they set.
+OPTIONS: Mapping[str, Mapping[str, Any]] = {
+    "channels_last": {"channels_last": True},
+    "fused_adam": {"fused_adam": True},
+    "amp_bf16": {"amp_bf16": True},
+    "compile": {"compile": "default"},
+    "compile_reduce_overhead": {"compile": "reduce-overhead"},
+}
+# Options that need CUDA (on a CPU the row is skipped, with the reason).
+CUDA_ONLY = {
+    "amp_bf16": "bf16 autocast is CUDA only",
+    "compile_reduce_overhead": "CUDA graphs are CUDA only",
+}
+# What `bench learner` measures without --options: the ones that cost no
+# compilation (a CPU inductor compile takes minutes on a loaded 2-core machine).
+DEFAULT_OPTIONS = ("channels_last", "fused_adam", "amp_bf16")
+# Untimed updates before timing a compiled variant (compile, then CUDA graph recording).
+COMPILE_WARMUP = 3
+
+
+def learner_torch_threads(run: RunConfig) -> int:
+    """torch intra-op threads of the learner actor: ``run.learner_torch_threads``,
+    else ``run.learner_num_cpus`` rounded down, at least 1 (the rule of
+    :class:`learner.ray_actor.LearnerActor`)."""
+    return run.learner_torch_threads or max(1, int(run.learner_num_cpus))
+
+
+class _Variant:
+    """One benchmarked update loop: a name, the options it sets, and a step."""
+
+    def __init__(
+        self, name: str, options: Mapping[str, Any], step: Callable[[Batch], Any], warmup: int
+    ) -> None:
+        self.name = name
+        self.options = dict(options)
+        self.step = step
+        self.warmup = warmup
+        self.seconds = 0.0
+        self.error: str | None = None
+
+
+def _deferred_step(learner: TD3Learner, fetch_every: int) -> Callable[[Batch], None]:
+    """``update_deferred`` with ``fetch_metrics`` every ``fetch_every`` updates,
+    as :meth:`learner.ray_actor.LearnerActor.train` runs them."""
+    count = 0
+
+    def step(batch: Batch) -> None:
+        nonlocal count
+        learner.update_deferred(batch)
+        count += 1
+        if count % fetch_every == 0:
+            learner.fetch_metrics()
+
+    return step
+
+
 def _timed(
     update: Callable[[Batch], Any], batches: Sequence[Batch], n: int, device: torch.device
 ) -> float:
@@ -145,6 +212,55 @@ def _timed(
     return time.perf_counter() - start
 
 
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def _variants(
+    config: LearnerConfig,
+    device: torch.device,
+    options: Sequence[str],
+    fetch_every: int,
+    warmup: int,
+) -> tuple[list[_Variant], list[dict[str, Any]]]:
+    """The variants of one (encoder, batch size) row, and the option rows
+    skipped on this device (``{"variant", "options", "skipped"}``)."""
+    variants = [
+        _Variant("reference", {}, ReferenceTD3(config, device).update, warmup),
+        _Variant("ours_fetch_every_update", {}, TD3Learner(config, device=device).update, warmup),
+    ]
+    skipped: list[dict[str, Any]] = []
+    applicable: dict[str, Any] = {}
+    named: list[tuple[str, dict[str, Any]]] = [("ours", {})]
+    for option in options:
+        fields = dict(OPTIONS[option])
+        if option in CUDA_ONLY and device.type != "cuda":
+            skipped.append({"variant": option, "options": fields, "skipped": CUDA_ONLY[option]})
+            continue
+        named.append((option, fields))
+        if "compile" not in fields or "compile" not in applicable:
+            applicable.update(fields)
+        elif fields["compile"] == "reduce-overhead":  # of two compile modes, the stronger
+            applicable["compile"] = "reduce-overhead"
+    if len(named) > 2:
+        named.append(("all", applicable))
+    uncompiled = {k: v for k, v in applicable.items() if k != "compile"}
+    if "compile" in applicable and len(uncompiled) > 1:  # what compile adds to the rest
+        named.append(("all_but_compile", uncompiled))
+    for name, fields in named:
+        steps = max(warmup, COMPILE_WARMUP) if fields.get("compile", "off") != "off" else warmup
+        variant = _Variant(name, fields, lambda _batch: None, steps)
+        try:
+            learner = TD3Learner(config.model_copy(update=fields), device=device)
+            variant.step = _deferred_step(learner, fetch_every)
+        except Exception as exc:  # an option this torch or device cannot do: reported
+            variant.error = _short(exc)
+        variants.append(variant)
+    return variants, skipped
+
+
 def run_learner_benchmark(
     device: str = "cpu",
     batch_sizes: Sequence[int] = (100, 256),
@@ -152,35 +268,83 @@ def run_learner_benchmark(
     warmup: int = 3,
     rounds: int = 4,
     encoders: Sequence[str] = ("separate", "shared"),
+    options: Sequence[str] = DEFAULT_OPTIONS,
+    fetch_every: int | None = None,
+    threads: int | None = None,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """Measure updates/s of :class:`TD3Learner` and :class:`ReferenceTD3`.
+    """Measure updates/s of :class:`ReferenceTD3`, :class:`TD3Learner` and
+    :class:`TD3Learner` with each speed option.
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        batch_sizes: transitions per update, one row per size and encoder mode.
-        updates: timed updates per row and side (split over ``rounds``
-            interleaved segments), after ``warmup`` untimed ones.
+        batch_sizes: transitions per update, one row set per size and encoder mode.
+        updates: timed updates per variant (split over ``rounds`` interleaved
+            segments), after ``warmup`` untimed ones (at least
+            :data:`COMPILE_WARMUP` for a compiled variant).
         encoders: encoder modes to measure.
-        progress: called with one line per finished row.
+        options: keys of :data:`OPTIONS`, one row each (CUDA-only ones are
+            listed as skipped on a CPU), plus ``all`` with every applicable one
+            when there are two or more (of two compile modes, ``reduce-overhead``),
+            and ``all_but_compile`` when a compile is among them.
+        fetch_every: updates per metrics fetch of ours; ``None``: the default
+            ``run.learner_updates_per_call`` (the learner actor fetches once per call).
+        threads: torch intra-op threads for the run (restored afterwards);
+            ``None``: :func:`learner_torch_threads` of the default ``RunConfig``.
+        progress: called with one line per finished row and the final table.
 
     Returns:
-        The JSON document: ``device``, ``results`` and ``reference_updates_per_s``
-        (lists of ``{encoder, batch_size, updates_per_s}``), ``overhead_ratio``
-        (ours / reference, ``separate`` at the largest batch size), plus
-        ``augmentation`` (ours with random shift), ``settings`` and ``machine``.
+        The JSON document: ``device``; ``results`` and ``reference_updates_per_s``
+        (lists of ``{encoder, batch_size, updates_per_s}``: ours with every
+        option off, and the reference); ``overhead_ratio`` (ours / reference,
+        ``separate`` at the largest batch size, else the first encoder);
+        ``variants`` (per encoder and batch size, each variant's
+        ``updates_per_s``, ``vs_reference`` and ``vs_ours``, or ``skipped`` /
+        ``error`` with the reason); ``augmentation`` (ours with random shift);
+        ``settings`` and ``machine``.
 
     Raises:
         RuntimeError: ``device="cuda"`` without a GPU.
-        ValueError: ``updates < rounds``.
+        ValueError: ``updates < rounds``, an unknown option, ``fetch_every < 1``.
     """
     if updates < rounds:
         raise ValueError(f"updates ({updates}) must be at least rounds ({rounds})")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; choose from {sorted(OPTIONS)}")
+    defaults = RunConfig()
+    fetch_every = defaults.learner_updates_per_call if fetch_every is None else fetch_every
+    if fetch_every < 1:
+        raise ValueError(f"fetch_every must be >= 1, got {fetch_every}")
+    threads = learner_torch_threads(defaults) if threads is None else threads
     dev = resolve_device(device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(
+            dev, batch_sizes, updates, warmup, rounds, encoders, options, fetch_every, progress
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    dev: torch.device,
+    batch_sizes: Sequence[int],
+    updates: int,
+    warmup: int,
+    rounds: int,
+    encoders: Sequence[str],
+    options: Sequence[str],
+    fetch_every: int,
+    progress: Progress,
+) -> dict[str, Any]:
     per_round = [updates // rounds + (1 if i < updates % rounds else 0) for i in range(rounds)]
     results: list[dict[str, Any]] = []
     reference: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     augmentation: list[dict[str, Any]] = []
+    threads = torch.get_num_threads()
     for batch_size in batch_sizes:
         batches = synthetic_batches(batch_size, count=4, seed=batch_size)
         for encoder in encoders:
@@ -189,34 +353,52 @@ def run_learner_benchmark(
                 batch_size=batch_size,
                 random_shift_pad=0,
             )
-            ours = TD3Learner(config, device=dev)
-            ref = ReferenceTD3(config, dev)
-            _timed(ours.update, batches, warmup, dev)
-            _timed(ref.update, batches, warmup, dev)
-            ours_s = ref_s = 0.0
+            variants, skipped = _variants(config, dev, options, fetch_every, warmup)
+            for variant in variants:
+                if variant.error is None:
+                    try:
+                        _timed(variant.step, batches, variant.warmup, dev)
+                    except Exception as exc:  # e.g. a compile that fails: reported
+                        variant.error = _short(exc)
             for i, n in enumerate(per_round):
-                # Alternate who goes first, so neither always follows the other.
-                if i % 2 == 0:
-                    ours_s += _timed(ours.update, batches, n, dev)
-                    ref_s += _timed(ref.update, batches, n, dev)
-                else:
-                    ref_s += _timed(ref.update, batches, n, dev)
-                    ours_s += _timed(ours.update, batches, n, dev)
+                # Reverse the order every other round, so none always follows another.
+                for variant in variants if i % 2 == 0 else variants[::-1]:
+                    if variant.error is not None:
+                        continue
+                    try:
+                        variant.seconds += _timed(variant.step, batches, n, dev)
+                    except Exception as exc:
+                        variant.error = _short(exc)
             row = {"encoder": encoder, "batch_size": batch_size}
-            results.append({**row, "updates_per_s": updates / ours_s})
-            reference.append({**row, "updates_per_s": updates / ref_s})
-            progress(
-                f"{encoder:>8} batch {batch_size:>4}: ours {updates / ours_s:7.2f} updates/s, "
-                f"reference {updates / ref_s:7.2f} updates/s, ratio {ref_s / ours_s:.3f}"
-            )
-            del ours, ref
+            rates = {v.name: updates / v.seconds for v in variants if v.error is None}
+            ref_rate, ours_rate = rates.get("reference"), rates.get("ours")
+            if ref_rate is not None and ours_rate is not None:
+                results.append({**row, "updates_per_s": ours_rate})
+                reference.append({**row, "updates_per_s": ref_rate})
+            for variant in variants:
+                entry: dict[str, Any] = {**row, "variant": variant.name, "options": variant.options}
+                if variant.error is not None:
+                    entry["error"] = variant.error
+                else:
+                    measured = rates[variant.name]
+                    entry["updates_per_s"] = measured
+                    entry["vs_reference"] = measured / ref_rate if ref_rate else None
+                    entry["vs_ours"] = measured / ours_rate if ours_rate else None
+                rows.append(entry)
+            rows += [{**row, **entry} for entry in skipped]
+            if ref_rate is not None and ours_rate is not None:
+                progress(
+                    f"{encoder:>8} batch {batch_size:>4}: ours {ours_rate:7.2f} updates/s, "
+                    f"reference {ref_rate:7.2f} updates/s, ratio {ours_rate / ref_rate:.3f}"
+                )
+            del variants
     largest = max(batch_sizes)
     if "separate" in encoders:
         config = LearnerConfig(encoder="separate", batch_size=largest, random_shift_pad=4)
-        aug = TD3Learner(config, device=dev)
+        aug = _deferred_step(TD3Learner(config, device=dev), fetch_every)
         batches = synthetic_batches(largest, count=4, seed=largest)
-        _timed(aug.update, batches, warmup, dev)
-        seconds = _timed(aug.update, batches, updates, dev)
+        _timed(aug, batches, warmup, dev)
+        seconds = _timed(aug, batches, updates, dev)
         augmentation.append(
             {
                 "encoder": "separate",
@@ -228,14 +410,17 @@ def run_learner_benchmark(
         progress(
             f"separate batch {largest:>4} + random shift pad 4: {updates / seconds:7.2f} updates/s"
         )
+    for line in format_table(rows):
+        progress(line)
 
-    def rate(rows: list[dict[str, Any]], encoder: str) -> float | None:
-        for r in rows:
+    def rate(found: list[dict[str, Any]], encoder: str) -> float | None:
+        for r in found:
             if r["encoder"] == encoder and r["batch_size"] == largest:
                 return float(r["updates_per_s"])
         return None
 
-    ours_rate, ref_rate = rate(results, "separate"), rate(reference, "separate")
+    headline = "separate" if "separate" in encoders else encoders[0]
+    ours_rate, ref_rate = rate(results, headline), rate(reference, headline)
     return {
         "benchmark": "learner",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -243,11 +428,14 @@ def run_learner_benchmark(
         "results": results,
         "reference_updates_per_s": reference,
         "overhead_ratio": (ours_rate / ref_rate) if ours_rate and ref_rate else None,
+        "variants": rows,
         "augmentation": augmentation,
         "settings": {
             "updates": updates,
             "warmup": warmup,
             "rounds": rounds,
+            "fetch_every": fetch_every,
+            "options": list(options),
             "random_shift_pad": 0,
             "defaults": LearnerConfig().model_dump(mode="json"),
         },
@@ -255,7 +443,30 @@ def run_learner_benchmark(
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
             "cuda_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if dev.type == "cuda" else None,
+            "matmul_allow_tf32": (
+                torch.backends.cuda.matmul.allow_tf32 if dev.type == "cuda" else None
+            ),
         },
     }
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``variants`` of a report as aligned text lines: encoder, batch,
+    variant, updates/s, × reference, × ours (or why a row has no figure)."""
+    lines = [
+        f"{'encoder':>8} {'batch':>5}  {'variant':<24} {'updates/s':>10} "
+        f"{'x reference':>11} {'x ours':>7}"
+    ]
+    for r in rows:
+        lead = f"{r['encoder']:>8} {r['batch_size']:>5}  {r['variant']:<24}"
+        if "updates_per_s" in r:
+            vs_ref = "-" if r["vs_reference"] is None else f"{r['vs_reference']:.3f}"
+            vs_ours = "-" if r["vs_ours"] is None else f"{r['vs_ours']:.3f}"
+            lines.append(f"{lead} {r['updates_per_s']:>10.2f} {vs_ref:>11} {vs_ours:>7}")
+        else:
+            why = r.get("skipped") or r.get("error")
+            lines.append(f"{lead} {'skipped' if 'skipped' in r else 'error'}: {why}")
+    return lines

@@ -3,10 +3,12 @@
 * :func:`remote_learner_class`: the plain :class:`TD3Learner` as an actor.
 * :class:`LearnerActor`: what a training run uses: it samples the replay
   shards itself (:class:`buffer_service.ray_actor.ReplaySampler`, prefetching),
-  runs TD3 updates, publishes actor+encoder weights every
-  ``run.publish_every_updates`` updates (one ``ray.put`` per version, recorded
-  on the weights board), tracks policy lag and the largest gradient norms,
-  and writes checkpoints. Under ``replay.prioritized`` it sends every
+  runs TD3 updates with their metrics kept on the device and fetched once per
+  :meth:`LearnerActor.train` call, publishes actor+encoder weights at the end
+  of a call in which the update count crossed a multiple of
+  ``run.publish_every_updates`` (one ``ray.put`` per version, recorded on the
+  weights board), tracks policy lag and the largest gradient norms, and
+  writes checkpoints. Under ``replay.prioritized`` it sends every
   update's per-sample TD errors back to the shards as new priorities. It is a
   threaded actor so :meth:`LearnerActor.stop` can interrupt a
   :meth:`LearnerActor.train` call that waits for data.
@@ -143,6 +145,9 @@ class LearnerActor:
         self.latest_metrics: dict[str, float] = {}
         self.sample_wait_s_total = 0.0
         self._lags: list[float] = []
+        # An update count crossed a multiple of run.publish_every_updates since
+        # the last publish: train() publishes at the end of its call.
+        self._publish_due = False
         self.publish()
 
     def device(self) -> str:
@@ -182,10 +187,20 @@ class LearnerActor:
     def train(self, num_updates: int) -> dict[str, Any]:
         """Run up to ``num_updates`` updates (fewer if :meth:`stop` is called).
 
+        The updates run with :meth:`learner.td3.TD3Learner.update_deferred`:
+        their metrics stay on the learner's device and come to the host in one
+        transfer at the end of the call (:meth:`~learner.td3.TD3Learner.fetch_metrics`),
+        which also measures the encoder weight change once. Weights are
+        published at the end of the call too, when the update count crossed a
+        multiple of ``run.publish_every_updates`` during it (or during an
+        earlier call that raised): the device-to-host copy of the weights and
+        the board's round trip never interrupt the updates.
+
         With ``replay.prioritized``, each update also returns its per-sample
-        absolute TD errors (:meth:`learner.td3.TD3Learner.update_with_td_errors`)
-        and the sampler sends them to the shards the samples came from as new
-        priorities (:meth:`buffer_service.ray_actor.ReplaySampler.update_priorities`).
+        absolute TD errors (:meth:`learner.td3.TD3Learner.last_td_errors`, one
+        transfer per update) and the sampler sends them to the shards the
+        samples came from as new priorities
+        (:meth:`buffer_service.ray_actor.ReplaySampler.update_priorities`).
         Before returning, the call waits until the shards have acknowledged
         them, so the counts below are final.
 
@@ -203,20 +218,23 @@ class LearnerActor:
 
         Raises:
             learner.td3.NonFiniteLossError: a NaN/inf loss; the step was not
-                applied and no priorities were sent for it.
+                applied (with ``learner.fused_adam``, neither were the later
+                ones of this call) and no priorities were sent for it; nothing
+                is published.
             buffer_service.ray_actor.ReplayTimeoutError: the replay gave no batch
                 within ``replay.rate_limit_timeout_s`` (no data, or shards not
                 answering); raised again by every later call until
-                :meth:`reset_sampler`.
+                :meth:`reset_sampler`. The metrics of the updates done are
+                fetched by the next call.
             TimeoutError: the shards did not acknowledge priority updates
                 within ``replay.rate_limit_timeout_s``.
         """
         self._stop.clear()
         start = time.perf_counter()
         done = 0
-        metrics = self.latest_metrics
         lags: list[float] = []
         publish_every = self.config.run.publish_every_updates
+        learner = self.learner
         while done < num_updates and not self._stop.is_set():
             waited = time.perf_counter()
             try:  # None: no batch yet, check stop; a failed replay raises ReplayTimeoutError
@@ -225,26 +243,30 @@ class LearnerActor:
                 self.sample_wait_s_total += time.perf_counter() - waited
             if sample is None:
                 continue
-            lags.append(policy_lag_updates(self.learner.updates, sample.sampled.policy_versions))
+            lags.append(policy_lag_updates(learner.updates, sample.sampled.policy_versions))
+            learner.update_deferred(sample.sampled.batch)
             if self.prioritized:
-                update_metrics, td_errors = self.learner.update_with_td_errors(sample.sampled.batch)
-                self.sampler.update_priorities(sample, td_errors)
-                update_metrics[M.PRIORITY_UPDATES] = float(self.sampler.priority_batches)
-            else:
-                update_metrics = self.learner.update(sample.sampled.batch)
-            metrics.update(update_metrics)
+                self.sampler.update_priorities(sample, learner.last_td_errors())
             done += 1
-            for name, key in GRAD_KEYS.items():
-                if key in metrics:
-                    self.grad_norm_max[name] = max(self.grad_norm_max[name], metrics[key])
-            if self.learner.updates % publish_every == 0:
-                self.publish()
+            if learner.updates % publish_every == 0:
+                self._publish_due = True
         self._lags.extend(lags)
+        fetched = learner.fetch_metrics()  # one transfer; raises NonFiniteLossError
+        metrics = self.latest_metrics
+        metrics.update(fetched.latest)
+        if self.prioritized:
+            metrics[M.PRIORITY_UPDATES] = float(self.sampler.priority_batches)
+        for name, key in GRAD_KEYS.items():
+            if key in fetched.grad_norm_max:
+                self.grad_norm_max[name] = max(self.grad_norm_max[name], fetched.grad_norm_max[key])
+        if self._publish_due:
+            self.publish()
+            self._publish_due = False
         if self.prioritized:
             self.sampler.flush_priorities()
         elapsed = time.perf_counter() - start
         return {
-            "updates": self.learner.updates,
+            "updates": learner.updates,
             "done": done,
             "metrics": dict(metrics),
             "updates_per_s": done / elapsed if elapsed > 0 else 0.0,

@@ -17,11 +17,37 @@ Every update re-encodes the sampled images, so the critic loss trains the
 critic's CNN and (in ``separate`` mode) the actor loss trains the actor's CNN.
 Where this departs from the paper, and why, is listed in ``learner/README.md``.
 
+Host syncs. :meth:`TD3Learner.update_deferred` leaves every metric on the
+device; :meth:`TD3Learner.fetch_metrics` brings the metrics of all updates
+since the previous fetch to the host in one transfer and measures the encoder
+weight change once. :meth:`TD3Learner.update` is the two together (one update,
+its metrics). The NaN/inf guard (:class:`NonFiniteLossError`) has two forms:
+
+* default (``fused_adam: false``): before each optimizer step the loss and the
+  gradient norm are read on the host (one sync per step, as before issue 13;
+  free on a CPU, where every op is synchronous anyway). The error is raised
+  before the step; nothing of it is applied.
+* ``fused_adam: true``: the check runs on the device. A non-finite loss or
+  norm sets a flag that the fused Adam kernel reads (its ``found_inf``, the
+  mechanism of ``torch.amp.GradScaler``): that step and every later one are
+  skipped on the device (weights, Adam moments and step counts, targets
+  untouched) until the next fetch, which raises the error for the first bad
+  update and rewinds :attr:`TD3Learner.updates` to the last applied one. No NaN
+  ever reaches the weights; only the steps after the bad one are lost.
+
+Speed options (``LearnerConfig``; all off is the exact fp32 update of before):
+``channels_last`` (NHWC encoders and images), ``compile`` (``torch.compile`` of
+the encoders and MLP heads, the losses and optimizers stay eager),
+``amp_bf16`` (CUDA: bf16 autocast of the forward passes; fp32 weights,
+gradients, Adam state and losses) and ``fused_adam``. ``td3drive bench
+learner`` measures each.
+
 This module imports torch and the shared contracts only: no Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -31,7 +57,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -99,8 +125,26 @@ RESUME_APPLIED_FIELDS: Mapping[str, str] = MappingProxyType(
         "random_shift_pad": "read at every update",
         "seed": "re-seeds the noise and augmentation generator (else the checkpoint's "
         "generator state continues); network weights are the checkpoint's",
+        "channels_last": "the resumed learner's encoders and Adam state are built in that "
+        "memory format; the checkpoint's values are copied in",
+        "compile": "the resumed learner compiles (or not) its networks when built",
+        "amp_bf16": "read at every forward pass (weights and Adam state are fp32 either way)",
+        "fused_adam": "the resumed learner's optimizers are built with it; Adam state loads "
+        "into fused and unfused optimizers alike",
     }
 )
+# Metrics whose largest value over a fetch window LearnerMetrics.grad_norm_max reports.
+GRAD_NORM_METRICS: tuple[str, ...] = (
+    M.ACTOR_GRAD_NORM_PRECLIP,
+    M.ACTOR_GRAD_NORM_POSTCLIP,
+    M.CRITIC_GRAD_NORM_PRECLIP,
+    M.CRITIC_GRAD_NORM_POSTCLIP,
+)
+# Updates whose device metrics are held before update_deferred brings them to
+# the host itself (one sync): bounds memory when nobody fetches.
+MAX_PENDING_UPDATES = 1000
+# Metrics of the critic half of an update (a critic NaN/inf diagnosis shows these).
+_CRITIC_PHASE = (M.CRITIC_LOSS, M.Q1_MEAN, M.Q2_MEAN, M.TARGET_Q_MEAN, M.CRITIC_GRAD_NORM_PRECLIP)
 # Bytes of a generator's get_state(): CPU (mt19937) and CUDA (Philox seed + offset).
 _CPU_GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()
 _CUDA_GENERATOR_STATE_BYTES = 16
@@ -122,8 +166,13 @@ _REQUIRED_KEYS = (
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm became NaN/inf; the offending step was not applied.
 
+    With ``fused_adam`` the error is raised at the metrics fetch after it
+    (see the module docstring): the steps of the later updates of that window
+    were skipped too, and the learner's ``updates`` is back at ``update - 1``.
+
     Attributes:
         network: ``"actor"`` or ``"critic"``.
+        update: the update (1-based count) whose step was not applied.
         diagnostics: the update's values at the time, by metric name.
     """
 
@@ -146,6 +195,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this learner: missing, empty,
     truncated, not a td3drive learner checkpoint, or of another architecture.
     The message is one line and names the file or the fields."""
+
+
+class LearnerMetrics(NamedTuple):
+    """The metrics of the updates since the previous :meth:`TD3Learner.fetch_metrics`.
+
+    Attributes:
+        latest: by the names in :mod:`td3drive.metric_names`: the latest value of
+            each update metric in the window (critic ones from the last update,
+            actor ones from the last actor step), the encoder weight changes and
+            learning rates measured at the fetch, ``learner/updates`` and
+            ``learner/actor_updated`` (of the last update). Floats.
+        grad_norm_max: the largest value in the window of each metric of
+            :data:`GRAD_NORM_METRICS` that occurred in it.
+        updates: how many updates the window holds.
+    """
+
+    latest: dict[str, float]
+    grad_norm_max: dict[str, float]
+    updates: int
+
+
+def check_speed_options(config: LearnerConfig, device: torch.device) -> None:
+    """Refuse a speed option the device cannot honour.
+
+    Args:
+        config: the learner config.
+        device: the device the learner runs on (``config.device`` resolved).
+
+    Raises:
+        RuntimeError: ``amp_bf16`` on a device that is not CUDA, or on a GPU
+            without native bf16 (before Ampere, where it would be emulated and
+            slower than fp32). ``fused_adam`` where torch has no fused Adam is
+            refused when the optimizers are built (:class:`TD3Learner`).
+    """
+    if config.amp_bf16:
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"learner.amp_bf16 needs a CUDA device and this learner runs on {device}; "
+                f"set learner.amp_bf16: false"
+            )
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise RuntimeError(
+                f"learner.amp_bf16: {torch.cuda.get_device_name(device)} has no native bf16; "
+                f"set learner.amp_bf16: false"
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,6 +288,7 @@ class TD3Learner:
     def __init__(self, config: LearnerConfig, device: str | torch.device | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device) if device is None else torch.device(device)
+        check_speed_options(config, self.device)
         self.mode = config.encoder
         self.updates = 0
         # Fields whose value differs from the loaded checkpoint's, {name: (old, new)}.
@@ -211,6 +306,9 @@ class TD3Learner:
             )
         self.actor.to(self.device)
         self.critic.to(self.device)
+        if config.channels_last:  # conv weights NHWC (deep copies below keep the format)
+            for encoder in (self.actor.encoder, self.critic.encoder):
+                encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.mode == "frozen":
             self.critic.encoder.requires_grad_(False)
 
@@ -248,8 +346,8 @@ class TD3Learner:
                     "name": "encoder",
                 }
             )
-        self.actor_optimizer = torch.optim.Adam(actor_groups)
-        self.critic_optimizer = torch.optim.Adam(critic_groups)
+        self.actor_optimizer = self._adam(actor_groups)
+        self.critic_optimizer = self._adam(critic_groups)
         self._actor_params = [p for g in actor_groups for p in g["params"]]
         self._critic_params = [p for g in critic_groups for p in g["params"]]
 
@@ -267,10 +365,35 @@ class TD3Learner:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(config.seed)
 
+        # Device-side NaN/inf guard (fused Adam only, see the module docstring):
+        # 1.0 once a loss or norm was non-finite; the fused kernels then skip.
+        self._device_check = config.fused_adam
+        self._found_inf = torch.zeros((), device=self.device)
+        self._unit_scale = torch.ones((), device=self.device)
+        if self._device_check:
+            for optimizer in (self.actor_optimizer, self.critic_optimizer):
+                optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+        # Metrics of the updates since the last host transfer, on the device:
+        # (update index, {name: 0-dim tensor}); and what earlier transfers of
+        # the current fetch window brought to the host.
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._window_latest: dict[str, float] = {}
+        self._window_max: dict[str, float] = {}
+        self._window_updates = 0
+        self._last_actor_step = False
+        self._autocast_bf16 = config.amp_bf16
+        self._cudagraphs = config.compile == "reduce-overhead" and self.device.type == "cuda"
+        if config.compile != "off":
+            self._compile_networks()
+
     # ------------------------------------------------------------------ update
     def update(self, batch: Batch) -> dict[str, float]:
         """One TD3 step: a critic update, and on every ``policy_delay``-th call
-        an actor update followed by a Polyak update of all targets.
+        an actor update followed by a Polyak update of all targets; then its
+        metrics, brought to the host.
+
+        The same as :meth:`update_deferred` followed by :meth:`fetch_metrics`
+        (after updates that nobody fetched, the metrics cover those too).
 
         Args:
             batch: validated against :class:`td3drive.spec.Batch` first.
@@ -287,6 +410,24 @@ class TD3Learner:
             NonFiniteLossError: a loss or gradient norm is NaN/inf; the step
                 of that network was not applied.
         """
+        self.update_deferred(batch)
+        return self.fetch_metrics().latest
+
+    def update_deferred(self, batch: Batch) -> None:
+        """:meth:`update` without bringing its metrics to the host: they stay
+        on the device until :meth:`fetch_metrics` (or until
+        :data:`MAX_PENDING_UPDATES` updates are pending, when this call brings
+        them over itself). Same steps, same random stream, same weights.
+
+        The images (``uint8[B, 4, 84, 84]``) go to the device as uint8, are
+        shifted there (``random_shift_pad``) and become floats in the encoder.
+
+        Raises:
+            td3drive.spec.SpecError: as :meth:`update`.
+            NonFiniteLossError: without ``fused_adam``, as :meth:`update`; with
+                it, only from the transfer of :data:`MAX_PENDING_UPDATES`
+                pending updates (otherwise the next fetch raises it).
+        """
         self._abs_td_error = None
         batch.validate()
         obs_image, obs_vector, action, reward, discount, next_image, next_vector, weight = (
@@ -296,17 +437,24 @@ class TD3Learner:
         if cfg.random_shift_pad:
             obs_image = random_shift(obs_image, cfg.random_shift_pad, self._generator)
             next_image = random_shift(next_image, cfg.random_shift_pad, self._generator)
+        if cfg.channels_last:
+            obs_image = obs_image.contiguous(memory_format=torch.channels_last)
+            next_image = next_image.contiguous(memory_format=torch.channels_last)
+        if self._cudagraphs:  # one training step per graph generation
+            torch.compiler.cudagraph_mark_step_begin()
         update_index = self.updates + 1
         actor_step = update_index % cfg.policy_delay == 0
 
         # Critic: both Q heads regress on the clipped double-Q target.
         target_q = self._td_target(next_image, next_vector, reward, discount, smoothing=True)
-        if self.mode == "frozen":
-            with torch.no_grad():
+        with self._autocast():
+            if self.mode == "frozen":
+                with torch.no_grad():
+                    critic_features = self.critic.encoder(obs_image)
+            else:
                 critic_features = self.critic.encoder(obs_image)
-        else:
-            critic_features = self.critic.encoder(obs_image)
-        q1, q2 = self.critic.heads(critic_features, obs_vector, action)
+            q1, q2 = self.critic.heads(critic_features, obs_vector, action)
+        q1, q2 = q1.float(), q2.float()  # the same tensors unless amp_bf16
         squared_errors = (q1 - target_q).square() + (q2 - target_q).square()
         critic_loss = (squared_errors if weight is None else weight * squared_errors).mean()
         with torch.no_grad():  # per-sample |TD error| for PER priorities; stays on the device
@@ -330,15 +478,17 @@ class TD3Learner:
             # backward reaches only actor parameters (inputs=...), so it leaves
             # no gradient on the critic.
             critic_features = critic_features.detach()
-            if self.mode == "separate":
-                actor_features = self.actor.encoder(obs_image)
-            else:
-                actor_features = critic_features
-            preactivation = self.actor.head.preactivation(actor_features, obs_vector)
+            with self._autocast():
+                if self.mode == "separate":
+                    actor_features = self.actor.encoder(obs_image)
+                else:
+                    actor_features = critic_features
+                preactivation = self.actor.head.preactivation(actor_features, obs_vector)
+            preactivation = preactivation.float()
             policy_action = torch.tanh(preactivation)
-            actor_loss = -self.critic.heads.q1_only(
-                critic_features, obs_vector, policy_action
-            ).mean()
+            with self._autocast():
+                q_policy = self.critic.heads.q1_only(critic_features, obs_vector, policy_action)
+            actor_loss = -q_policy.float().mean()
             if cfg.action_preactivation_penalty:
                 actor_loss = actor_loss + cfg.action_preactivation_penalty * (
                     preactivation.square().mean()
@@ -356,19 +506,90 @@ class TD3Learner:
             self._polyak_update()
 
         self.updates = update_index
-        values[M.ACTOR_ENCODER_WEIGHT_DELTA] = self._encoder_weight_delta("actor")
-        values[M.CRITIC_ENCODER_WEIGHT_DELTA] = (
-            values[M.ACTOR_ENCODER_WEIGHT_DELTA]
+        self._last_actor_step = actor_step
+        self._pending.append((update_index, values))
+        if len(self._pending) >= MAX_PENDING_UPDATES:
+            self._drain({})
+
+    def fetch_metrics(self) -> LearnerMetrics:
+        """The metrics of every update since the previous fetch, in one
+        device-to-host transfer, and the encoder weight change measured now.
+        Starts a new window.
+
+        Returns:
+            :class:`LearnerMetrics`.
+
+        Raises:
+            NonFiniteLossError: (``fused_adam`` only) an update of the window
+                had a NaN/inf loss or gradient norm; its step and all later
+                ones were skipped on the device, :attr:`updates` is rewound to
+                ``error.update - 1`` and the learner can go on from there.
+        """
+        extra = {M.ACTOR_ENCODER_WEIGHT_DELTA: self._encoder_weight_delta("actor")}
+        extra[M.CRITIC_ENCODER_WEIGHT_DELTA] = (
+            extra[M.ACTOR_ENCODER_WEIGHT_DELTA]
             if self.mode != "separate"
             else self._encoder_weight_delta("critic")
         )
-        names = list(values)
-        numbers = torch.stack([values[n].float() for n in names]).tolist()
-        metrics = dict(zip(names, numbers, strict=True))
-        metrics.update(self._learning_rates())
-        metrics[M.LEARNER_UPDATES] = float(self.updates)
-        metrics[M.ACTOR_UPDATED] = float(actor_step)
-        return metrics
+        self._drain(extra)
+        latest = self._window_latest
+        latest.update(self._learning_rates())
+        latest[M.LEARNER_UPDATES] = float(self.updates)
+        latest[M.ACTOR_UPDATED] = float(self._last_actor_step)
+        result = LearnerMetrics(latest, self._window_max, self._window_updates)
+        self._window_latest, self._window_max, self._window_updates = {}, {}, 0
+        return result
+
+    def _drain(self, extra: Mapping[str, torch.Tensor]) -> None:
+        """Bring the pending update metrics and ``extra`` to the host in one
+        transfer and fold them into the current window.
+
+        Raises:
+            NonFiniteLossError: as :meth:`fetch_metrics`.
+        """
+        pending, self._pending = self._pending, []
+        tensors = [value for _, values in pending for value in values.values()]
+        tensors += list(extra.values())
+        if self._device_check:
+            tensors.append(self._found_inf)
+        if not tensors:
+            return
+        numbers = iter(torch.stack([t.float() for t in tensors]).tolist())
+        records = [(index, {name: next(numbers) for name in values}) for index, values in pending]
+        extras = {name: next(numbers) for name in extra}
+        if self._device_check and next(numbers):
+            self._raise_first_non_finite(records)
+        for _, record in records:
+            self._window_latest.update(record)
+            for name in GRAD_NORM_METRICS:
+                if name in record:
+                    known = self._window_max.get(name, -math.inf)
+                    self._window_max[name] = max(known, record[name])
+        self._window_latest.update(extras)
+        self._window_updates += len(records)
+
+    def _raise_first_non_finite(self, records: list[tuple[int, dict[str, float]]]) -> None:
+        """The device flag is set: raise for the first update whose loss or
+        gradient norm is NaN/inf (its step and all later ones were skipped)."""
+        self._found_inf.zero_()
+        for index, record in records:
+            for network, keys in _LOSS_AND_NORM_KEYS.items():
+                if keys[0] not in record:
+                    continue  # a critic-only update
+                if all(math.isfinite(record[key]) for key in keys):
+                    continue
+                self.updates = index - 1
+                if network == "critic":
+                    diagnostics = {k: record[k] for k in _CRITIC_PHASE}
+                else:
+                    diagnostics = {
+                        k: v for k, v in record.items() if k != M.ACTOR_GRAD_NORM_POSTCLIP
+                    }
+                raise NonFiniteLossError(network, index, diagnostics)
+        # Not reached: the flag is only set by a non-finite value recorded here.
+        first = records[0][0] if records else self.updates
+        self.updates = first - 1
+        raise NonFiniteLossError("critic", first, {})
 
     def update_with_td_errors(self, batch: Batch) -> tuple[dict[str, float], np.ndarray]:
         """:meth:`update`, and each sample's absolute TD error for prioritized replay.
@@ -398,8 +619,30 @@ class TD3Learner:
                 finite TD errors, so NaN/inf never comes back from here.
         """
         metrics = self.update(batch)
-        assert self._abs_td_error is not None  # set by every update that returns
-        return metrics, self._abs_td_error.float().cpu().numpy()
+        return metrics, self.last_td_errors()
+
+    def last_td_errors(self) -> np.ndarray:
+        """The absolute TD errors of the last update (see
+        :meth:`update_with_td_errors`), for a loop of :meth:`update_deferred`.
+
+        Returns:
+            ``float32[B]``, non-negative and finite. One device-to-host transfer,
+            which also carries the device NaN/inf flag under ``fused_adam``.
+
+        Raises:
+            NonFiniteLossError: (``fused_adam``) the flag is set: this or an
+                earlier update of the window was not applied (see
+                :meth:`fetch_metrics`); the errors are not returned.
+            RuntimeError: no update since the learner was built or loaded.
+        """
+        if self._abs_td_error is None:
+            raise RuntimeError("no TD errors: no update has run")
+        if not self._device_check:
+            return self._abs_td_error.float().cpu().numpy()
+        both = torch.cat([self._abs_td_error.float(), self._found_inf.view(1)]).cpu().numpy()
+        if both[-1]:
+            self._drain({})  # raises for the first bad update
+        return both[:-1]
 
     def td_target(self, batch: Batch, smoothing: bool = False) -> np.ndarray:
         """The TD target ``r + discount · min(Q1', Q2')(s', μ'(s') + ε)`` of a
@@ -418,6 +661,8 @@ class TD3Learner:
         """
         batch.validate()
         _, _, _, reward, discount, next_image, next_vector, _ = self._to_tensors(batch)
+        if self.config.channels_last:
+            next_image = next_image.contiguous(memory_format=torch.channels_last)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         target = self._td_target(
             next_image, next_vector, reward, discount, smoothing=smoothing, generator=generator
@@ -434,12 +679,14 @@ class TD3Learner:
         smoothing: bool,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
-            actor_features = self.target_actor_encoder(next_image)
-            critic_features = self.target_critic_encoder(next_image)
-        else:
-            actor_features = critic_features = self.critic.encoder(next_image)
-        next_action = self.target_actor_head(actor_features, next_vector)
+        with self._autocast():
+            if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
+                actor_features = self.target_actor_encoder(next_image)
+                critic_features = self.target_critic_encoder(next_image)
+            else:
+                actor_features = critic_features = self.critic.encoder(next_image)
+            next_action = self.target_actor_head(actor_features, next_vector)
+        next_action = next_action.float()
         if smoothing and self.config.policy_noise > 0:
             noise = torch.randn(
                 next_action.shape,
@@ -450,11 +697,18 @@ class TD3Learner:
                 -self.config.noise_clip, self.config.noise_clip
             )
             next_action = (next_action + noise).clamp_(-1.0, 1.0)
-        target_q1, target_q2 = self.target_critic_heads(critic_features, next_vector, next_action)
-        return reward + discount * torch.minimum(target_q1, target_q2)
+        with self._autocast():
+            target_q1, target_q2 = self.target_critic_heads(
+                critic_features, next_vector, next_action
+            )
+        return reward + discount * torch.minimum(target_q1.float(), target_q2.float())
 
     # ----------------------------------------------------------------- helpers
     def _to_tensors(self, batch: Batch) -> tuple[Any, ...]:
+        """The batch's arrays on the device, dtypes kept: images stay uint8
+        (a quarter of float32's bytes on the host-to-device copy) and become
+        floats in the encoder's first line (``normalize_image``)."""
+
         def put(array: np.ndarray | None) -> torch.Tensor | None:
             if array is None:
                 return None
@@ -491,7 +745,65 @@ class TD3Learner:
     @torch.no_grad()
     def _polyak_update(self) -> None:
         # θ' ← θ' + τ (θ − θ') = τ θ + (1 − τ) θ'
-        torch._foreach_lerp_(self._target_params, self._online_params, self.config.tau)
+        if not self._device_check:
+            torch._foreach_lerp_(self._target_params, self._online_params, self.config.tau)
+            return
+        # Device-side guard: τ while the NaN/inf flag is clear, 0 once it is set
+        # (θ − θ' is finite: a skipped step leaves θ as it was).
+        tau = self._found_inf.mul(-self.config.tau).add_(self.config.tau)
+        steps = torch._foreach_sub(self._online_params, self._target_params)
+        torch._foreach_mul_(steps, tau)
+        torch._foreach_add_(self._target_params, steps)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast of a forward pass under ``amp_bf16``, else nothing."""
+        if self._autocast_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _adam(self, groups: list[dict[str, Any]]) -> torch.optim.Adam:
+        """Adam over ``groups``, fused under ``fused_adam``.
+
+        Raises:
+            RuntimeError: ``fused_adam`` where this torch has no fused Adam for
+                the device.
+        """
+        if not self.config.fused_adam:
+            return torch.optim.Adam(groups)
+        try:
+            return torch.optim.Adam(groups, fused=True)
+        except (RuntimeError, ValueError) as exc:
+            raise RuntimeError(
+                f"learner.fused_adam: torch {torch.__version__} has no fused Adam on "
+                f"{self.device} ({_short_reason(exc)}); set learner.fused_adam: false"
+            ) from exc
+
+    def _compile_networks(self) -> None:
+        """``torch.compile`` each encoder and MLP in place (``nn.Module.compile``:
+        parameter names, state dicts and checkpoints stay as they are). The
+        losses, the optimizers and the Polyak update stay eager. On a CPU,
+        ``reduce-overhead`` (CUDA graphs) compiles as ``default``."""
+        mode = "reduce-overhead" if self._cudagraphs else None
+        actor_head = cast(ActorHead, self.target_actor_head)
+        critic_heads = cast(TwinQHead, self.target_critic_heads)
+        modules: list[nn.Module] = [
+            self.actor.encoder,
+            self.critic.encoder,
+            self.actor.head.net,
+            self.critic.heads.q1,
+            self.critic.heads.q2,
+            actor_head.net,
+            critic_heads.q1,
+            critic_heads.q2,
+        ]
+        for encoder in (self.target_actor_encoder, self.target_critic_encoder):
+            if encoder is not None:
+                modules.append(encoder)
+        seen: set[int] = set()
+        for module in modules:
+            if id(module) not in seen:  # the shared encoder is both networks'
+                seen.add(id(module))
+                module.compile(mode=mode)
 
     @torch.no_grad()
     def _encoder_weight_delta(self, which: str) -> torch.Tensor:
@@ -535,6 +847,11 @@ class TD3Learner:
         norm exceeds ``max_norm`` (``clip_grad_norm_`` multiplies them by 1.0
         otherwise); ``max_norm=None`` never clips. One host sync per call.
 
+        Under ``fused_adam`` there is no host sync: the check sets the device
+        flag that makes the fused Adam skip (see the module docstring), and the
+        gradients are always multiplied by ``min(1, max_norm / (norm + 1e-6))``
+        (``clip_grad_norm_``'s own rule; × 1.0 leaves them exact).
+
         Raises:
             NonFiniteLossError: the network's loss (taken from ``values``) or the
                 gradient norm is NaN/inf; nothing has been stepped.
@@ -542,6 +859,16 @@ class TD3Learner:
         grads = [p.grad for p in params if p.grad is not None]
         pre = torch.nn.utils.get_total_norm(grads)
         loss_key, norm_key = _LOSS_AND_NORM_KEYS[network]
+        if self._device_check:
+            # Sets _found_inf to 1 when either is NaN/inf (× 1.0 otherwise): no sync.
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [torch.stack([values[loss_key], pre])], self._found_inf, self._unit_scale
+            )
+            if max_norm is None:
+                return pre, pre
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, pre)
+            post = torch.where(pre > max_norm, torch.nn.utils.get_total_norm(grads), pre)
+            return pre, post
         loss_value, pre_value = torch.stack([values[loss_key], pre]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(pre_value)):
             diagnostics = {k: float(v) for k, v in values.items()}
@@ -562,7 +889,12 @@ class TD3Learner:
             (``encoder.*``, ``head.*``) to float32 numpy copies on the host,
             which Ray ships zero-copy. Load with
             ``actor.load_state_dict({k: torch.from_numpy(v) ...})``.
+
+        Raises:
+            NonFiniteLossError: (``fused_adam``) a pending update was not
+                applied (see :meth:`fetch_metrics`): ``version`` would be wrong.
         """
+        self._check_pending()
         weights = {k: v.detach().cpu().numpy().copy() for k, v in self.actor.state_dict().items()}
         return self.updates, weights
 
@@ -572,7 +904,12 @@ class TD3Learner:
         optimizers, the update counter, the RNG state of noise and
         augmentation (with the device type it belongs to), and the initial
         encoder weights. Plain containers of tensors, numbers and strings,
-        loadable with ``weights_only=True``."""
+        loadable with ``weights_only=True``.
+
+        Raises:
+            NonFiniteLossError: as :meth:`policy_weights`.
+        """
+        self._check_pending()
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(mode="json"),
@@ -630,10 +967,16 @@ class TD3Learner:
             if self.target_actor_encoder is not None and self.target_critic_encoder is not None:
                 self.target_actor_encoder.load_state_dict(state["target_actor_encoder"])
                 self.target_critic_encoder.load_state_dict(state["target_critic_encoder"])
-            self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            for optimizer, key in (
+                (self.actor_optimizer, "actor_optimizer"),
+                (self.critic_optimizer, "critic_optimizer"),
+            ):
+                _load_adam_state(optimizer, state[key])
             for key, tensors in state["encoder_init"].items():
-                self._encoder_init[key] = [t.to(self.device) for t in tensors]
+                encoder = self.actor.encoder if key == "actor" else self.critic.encoder
+                self._encoder_init[key] = [
+                    _like(param, t) for param, t in zip(encoder.parameters(), tensors, strict=True)
+                ]
             updates = int(state["updates"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(
@@ -642,8 +985,18 @@ class TD3Learner:
         self._apply_learning_rates()
         self._encoder_init_norm = self._init_norms()
         self.updates = updates
+        self._pending, self._window_latest, self._window_max = [], {}, {}
+        self._window_updates, self._last_actor_step = 0, False
+        self._found_inf.zero_()
         self.resume_changes = config_changes(saved, self.config)
         self._restore_generator(state)
+
+    def _check_pending(self) -> None:
+        """Under ``fused_adam``, bring pending metrics to the host when any are
+        pending, so that a skipped step raises before weights or a checkpoint
+        are read. Raises :class:`NonFiniteLossError` as :meth:`fetch_metrics`."""
+        if self._device_check and self._pending:
+            self._drain({})
 
     def _apply_learning_rates(self) -> None:
         """Write ``config``'s learning rates into the optimizers' param groups."""
@@ -979,6 +1332,41 @@ def load_policy_checkpoint(
     saved = _saved_config(state, str(path))
     weights = _actor_weights(state, saved, str(path))
     return PolicyCheckpoint(saved, _updates(state, str(path)), weights)
+
+
+_ADAM_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _load_adam_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)`` that keeps the optimizer's own
+    implementation (``fused``, ``foreach``; ``load_state_dict`` would take the
+    checkpoint's) and puts the state where that implementation wants it: each
+    moment in its parameter's memory format (a checkpoint written with another
+    ``channels_last``), ``step`` on the parameter's device for a fused Adam and
+    on the CPU otherwise."""
+    flags = [
+        {k: group[k] for k in _ADAM_IMPLEMENTATION_FLAGS if k in group}
+        for group in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(dict(saved))
+    for group, own in zip(optimizer.param_groups, flags, strict=True):
+        group.update(own)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    where = param.device if on_device else torch.device("cpu")
+                    state[key] = value.to(where, torch.float32)
+                elif value.shape == param.shape:
+                    state[key] = _like(param, value)
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into a tensor with ``param``'s device, dtype and memory format."""
+    return torch.empty_like(param, requires_grad=False).copy_(value)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ Subcommands:
 
 * ``td3drive bench learner``: TD3 updates/s against a plain-PyTorch reference.
 * ``td3drive bench replay``: replay memory and speed against a naive buffer.
+* ``td3drive bench pipeline``: the learner's data feed on Ray, batches/s vs shards.
 * ``td3drive bench rollout``: collection speed of 1 and N workers.
 * ``td3drive bench learning``: encoder modes compared on the embedded simulator.
 * ``td3drive carla-check``: probe a CARLA server.
@@ -37,6 +38,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from td3drive.learning_bench import DEFAULT_VARIANTS, VARIANTS
 
@@ -55,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     learner = benches.add_parser(
         "learner",
-        help="TD3 updates/s (separate and shared encoders) vs a plain-PyTorch reference loop",
-        description="Measures TD3Learner.update() throughput for the 'separate' and "
-        "'shared' encoder modes at each batch size, and in the same run a minimal TD3 "
-        "loop in plain PyTorch with the same networks. overhead_ratio = ours / reference "
+        help="TD3 updates/s (separate and shared encoders) vs a plain-PyTorch reference loop, "
+        "with each speed option on and off",
+        description="Measures TD3Learner throughput for the 'separate' and 'shared' encoder "
+        "modes at each batch size, and in the same run a minimal TD3 loop in plain PyTorch "
+        "with the same networks (the bare fp32 reference). overhead_ratio = ours / reference "
         "('separate', largest batch); 1.0 means the learner's validation, clipping and "
-        "metrics cost nothing.",
+        "metrics cost nothing. 'variants' adds one row per speed option (learner.channels_last, "
+        "fused_adam, amp_bf16, compile), one with all of them, and one of the per-update "
+        "metrics path, each as updates/s, x reference and x ours; a JSON report goes to stdout "
+        "and the table to stderr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     learner.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
@@ -76,19 +92,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch sizes to measure",
     )
     learner.add_argument(
-        "--updates", type=_positive_int, default=32, help="timed updates per row and side"
+        "--updates", type=_positive_int, default=32, help="timed updates per row and variant"
     )
     learner.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
+    learner.add_argument(
+        "--encoder",
+        nargs="+",
+        choices=("separate", "shared", "frozen"),
+        default=["separate", "shared"],
+        help="encoder modes to measure",
+    )
+    learner.add_argument(
+        "--options",
+        nargs="+",
+        metavar="OPTION",
+        default=["default"],
+        help="speed options with a row each: channels_last fused_adam amp_bf16 compile "
+        "compile_reduce_overhead; 'default' = channels_last fused_adam amp_bf16 (no "
+        "compilation), 'all' = every one, 'none' = no option rows. CUDA-only ones are listed "
+        "as skipped on a CPU",
+    )
+    learner.add_argument(
+        "--config",
+        type=Path,
+        metavar="YAML",
+        help="a run config: torch threads and updates per metrics fetch are taken from its "
+        "run.learner_torch_threads / learner_num_cpus and run.learner_updates_per_call "
+        "(default: those of the default config)",
+    )
+    learner.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch intra-op threads (overrides --config; default: as the learner actor "
+        "would set them: run.learner_torch_threads, else learner_num_cpus rounded down)",
+    )
+    learner.add_argument(
+        "--fetch-every",
+        type=_positive_int,
+        help="updates between metric fetches of ours (overrides --config; default: "
+        "run.learner_updates_per_call)",
+    )
     learner.set_defaults(handler=_bench_learner)
 
     replay = benches.add_parser(
         "replay",
-        help="replay shard memory, insert and sample speed vs a naive uint8 buffer",
+        help="replay shard memory, insert and sample speed vs a naive uint8 buffer and "
+        "the legacy sample path",
         description="Fills one replay shard (compressed chunks, frames stored once) and a "
         "naive buffer that stores obs and next_obs as uint8 arrays (SB3's "
         "DictReplayBuffer layout) with the same transitions, and reports "
         "bytes_per_transition, naive_bytes_per_transition, memory_ratio, "
-        "insert_transitions_per_s and sample_batches_per_s for both.",
+        "insert_transitions_per_s and sample_batches_per_s for both. On the same filled "
+        "shard it then compares the sample paths side by side: sample_paths lists "
+        "batches/s of the legacy path (per-row loop, decoding under the shard's lock) and "
+        "the gather path (each frame decoded once, outside the lock) for each number of "
+        "threads sampling at once and each decode pool size, with speedup_vs_legacy; "
+        "insert_while_sampling gives the insert rate of the full shard alone and while "
+        "one thread samples it flat out with each path (insert_rate_vs_alone); "
+        "compressed_shipping measures sending the frames compressed and decoding them at "
+        "the receiver (bytes_ratio, shard_batches_per_s, receiver_decode). "
+        "sample_batches_per_s is the gather path with 1 thread, "
+        "legacy_sample_batches_per_s the legacy one, sample_speedup their ratio.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
@@ -105,9 +169,91 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--chunk-steps", type=_positive_int, default=64, help="steps per chunk")
     replay.add_argument("--batch-size", type=_positive_int, default=256, help="sample size")
     replay.add_argument(
-        "--sample-batches", type=_positive_int, default=40, help="batches timed per side"
+        "--sample-batches",
+        type=_positive_int,
+        default=40,
+        help="batches timed per sampling thread and row",
+    )
+    replay.add_argument(
+        "--sampler-threads",
+        type=_positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated counts of threads calling sample at once",
+    )
+    replay.add_argument(
+        "--decode-threads",
+        type=_positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated decode pool sizes of the gather path (1 = no pool)",
+    )
+    replay.add_argument(
+        "--insert-passes",
+        type=_positive_int,
+        default=2,
+        help="times every chunk is re-inserted into the full shard per insert-rate row",
     )
     replay.set_defaults(handler=_bench_replay)
+
+    pipeline = benches.add_parser(
+        "pipeline",
+        help="the learner's replay feed on Ray: batches/s vs shard count, learner wait share",
+        description="Fills S replay shards (Ray actors) with the same chunks, then a consumer "
+        "takes batches from the real ReplaySampler and only turns them into torch tensors "
+        "on --device. Per shard count, beside the issue-11 sampler protocol (size query "
+        "then sample, one batch in flight) as the baseline: batches_per_s, mb_per_s, "
+        "speedup_vs_issue11, upload_ms_mean, and learner_wait_share: the share of its "
+        "time a learner at --learner-updates-per-s would wait for batches (measured by "
+        "a consumer that sleeps each update's time; learner_wait_share_estimate is "
+        "1 - batches_per_s / rate).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pipeline.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    pipeline.add_argument(
+        "--shards",
+        type=_positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated shard counts",
+    )
+    pipeline.add_argument(
+        "--source",
+        choices=("synthetic", "racetrack"),
+        default="synthetic",
+        help="frames: synthetic driving-like frames, or the embedded simulator's "
+        "(as bench replay --source racetrack)",
+    )
+    pipeline.add_argument(
+        "--transitions",
+        type=_positive_int,
+        default=8192,
+        help="transitions per shard (every shard holds the same chunks)",
+    )
+    pipeline.add_argument("--chunk-steps", type=_positive_int, default=64, help="steps per chunk")
+    pipeline.add_argument("--batch-size", type=_positive_int, default=256, help="batch size")
+    pipeline.add_argument(
+        "--batches",
+        type=_positive_int,
+        default=100,
+        help="timed batches per shard count, sampler and mode (unpaced, paced)",
+    )
+    pipeline.add_argument(
+        "--warmup", type=int, default=5, help="untimed batches before each timing"
+    )
+    pipeline.add_argument(
+        "--prefetch", type=_positive_int, default=2, help="sampler prefetch depth"
+    )
+    pipeline.add_argument(
+        "--device", default="cpu", help="the learner's torch device (cpu, cuda, cuda:1, ...)"
+    )
+    pipeline.add_argument(
+        "--learner-updates-per-s",
+        type=float,
+        default=500.0,
+        help="update rate of the learner whose waiting is measured, updates/s",
+    )
+    pipeline.set_defaults(handler=_bench_pipeline)
 
     rollout = benches.add_parser(
         "rollout",
@@ -819,6 +965,34 @@ def _bench_replay(args: argparse.Namespace) -> int:
             sample_batches=args.sample_batches,
             source=args.source,
             episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
+            sampler_threads=args.sampler_threads,
+            decode_threads=args.decode_threads,
+            insert_passes=args.insert_passes,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except ValueError as exc:
+        print(f"td3drive: error: {exc}", file=sys.stderr)
+        return 2
+    _emit(report, args.json)
+    return 0
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from td3drive.pipeline_bench import run_pipeline_benchmark
+
+    try:
+        report = run_pipeline_benchmark(
+            shard_counts=args.shards,
+            transitions_per_shard=args.transitions,
+            chunk_steps=args.chunk_steps,
+            batch_size=args.batch_size,
+            batches=args.batches,
+            warmup=args.warmup,
+            prefetch=args.prefetch,
+            device=args.device,
+            learner_updates_per_s=args.learner_updates_per_s,
+            source=args.source,
+            episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except ValueError as exc:
@@ -838,12 +1012,39 @@ def _emit(report: dict, path: Path | None) -> None:
 
 
 def _bench_learner(args: argparse.Namespace) -> int:
-    from learner.benchmark import run_learner_benchmark
+    from learner.benchmark import (
+        DEFAULT_OPTIONS,
+        OPTIONS,
+        learner_torch_threads,
+        run_learner_benchmark,
+    )
+    from td3drive.config import RunConfig, load_config
 
+    options: list[str] = []
+    for name in args.options:
+        if name == "default":
+            options += DEFAULT_OPTIONS
+        elif name == "all":
+            options += OPTIONS
+        elif name != "none":
+            if name not in OPTIONS:
+                print(
+                    f"td3drive: error: unknown option {name!r}; choose from "
+                    f"{', '.join(OPTIONS)}, default, all, none",
+                    file=sys.stderr,
+                )
+                return 2
+            options.append(name)
+    options = list(dict.fromkeys(options))  # once each, in order
+    run = load_config(args.config).run if args.config else RunConfig()
+    threads = args.threads or learner_torch_threads(run)
+    fetch_every = args.fetch_every or run.learner_updates_per_call
     rounds = min(16, args.updates)
     print(
         f"bench learner: device={args.device} batch sizes={args.batch_size} "
-        f"updates={args.updates} per row and side (interleaved in {rounds} rounds)",
+        f"encoders={args.encoder} options={options or 'none'} torch threads={threads} "
+        f"fetch every {fetch_every} updates; updates={args.updates} per row and variant "
+        f"(interleaved in {rounds} rounds)",
         file=sys.stderr,
         flush=True,
     )
@@ -853,6 +1054,10 @@ def _bench_learner(args: argparse.Namespace) -> int:
         updates=args.updates,
         warmup=args.warmup,
         rounds=rounds,
+        encoders=args.encoder,
+        options=options,
+        fetch_every=fetch_every,
+        threads=threads,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     _emit(report, args.json)

@@ -131,11 +131,37 @@ class LearnerConfig(_Section):
         "images by up to this many pixels (edge-replicated); 0 disables it.",
     )
     seed: int = Field(0, ge=0, description="Seed of network init, target noise and augmentation.")
+    # Speed options (issue 13). Off = the exact fp32 update; `td3drive bench
+    # learner` measures each against it on the device at hand.
+    channels_last: bool = Field(
+        False,
+        description="Encoder conv weights and images in channels_last (NHWC) memory format; "
+        "the same math, float rounding may differ.",
+    )
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off",
+        description="torch.compile (inductor) of the encoders and MLP heads: 'off', 'default', "
+        "or 'reduce-overhead' (adds CUDA graphs; on a CPU learner the same as 'default'). The "
+        "first updates compile, which takes tens of seconds.",
+    )
+    amp_bf16: bool = Field(
+        False,
+        description="CUDA only: forward passes under bf16 autocast; weights, gradients, Adam "
+        "state and losses stay fp32. A CPU learner refuses it.",
+    )
+    fused_adam: bool = Field(
+        False,
+        description="torch.optim.Adam(fused=True) (CUDA and CPU). Also moves the NaN/inf "
+        "check onto the device: a non-finite step is skipped there and the error raised "
+        "when the metrics are fetched, instead of one host sync per optimizer step.",
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> LearnerConfig:
         if self.encoder == "frozen" and self.encoder_lr is not None:
             raise ValueError("encoder_lr has no effect with encoder='frozen'; remove it")
+        if self.amp_bf16 and self.device == "cpu":
+            raise ValueError("amp_bf16 needs a CUDA learner (device 'cuda' or 'auto')")
         return self
 
 

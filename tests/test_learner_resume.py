@@ -126,20 +126,37 @@ NEW_VALUES: dict[str, Any] = {
     "critic_max_grad_norm": 5.0,
     "random_shift_pad": 2,
     "seed": 7,
+    "channels_last": True,
+    "compile": "default",
+    "amp_bf16": True,
+    "fused_adam": True,
+}
+# Fields whose new value needs more than this machine may have, or takes long.
+FIELD_MARKS: dict[str, Any] = {
+    "amp_bf16": pytest.mark.skipif(not torch.cuda.is_available(), reason="amp_bf16 needs CUDA"),
+    "compile": pytest.mark.slow,  # inductor compiles for tens of seconds
 }
 
 
-@pytest.mark.parametrize("field", sorted(RESUME_APPLIED_FIELDS))
+@pytest.mark.parametrize(
+    "field",
+    [pytest.param(f, marks=FIELD_MARKS.get(f, ())) for f in sorted(RESUME_APPLIED_FIELDS)],
+)
 def test_resume_applies_and_reports_each_non_architectural_field(
     field: str, tmp_path: Path
 ) -> None:
     old = getattr(small_config(), field)
     new = NEW_VALUES[field]
     assert new != old
+    overrides = {field: new}
+    if field == "amp_bf16":  # CUDA only: the device changes with it
+        overrides["device"] = "cuda"
     path = trained_checkpoint(tmp_path / "learner.pt")
-    resumed = TD3Learner.from_checkpoint(path, small_config(**{field: new}))
+    resumed = TD3Learner.from_checkpoint(path, small_config(**overrides))
     assert getattr(resumed.config, field) == new
-    assert resumed.resume_changes == {field: (old, new)}
+    assert resumed.resume_changes == {
+        name: (getattr(small_config(), name), value) for name, value in overrides.items()
+    }
     assert resumed.updates == 1
     resumed.update(random_batch(size=8, seed=3))  # and it trains under it
 

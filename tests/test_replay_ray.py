@@ -252,3 +252,63 @@ def test_invalid_payload_over_the_wire_is_counted_not_fatal(ray_instance: None) 
     assert stats["inserted_transitions"] == CHUNK
     # pushed - rejected - inserted: nothing lost
     assert writer.pushed_transitions - writer.rejected_transitions == stats["inserted_transitions"]
+
+
+def filled_shards(count: int, chunks_per_shard: list[int]) -> list[Any]:
+    config = ReplayConfig(
+        num_shards=count,
+        chunk_steps=CHUNK,
+        min_size_to_sample=count * CHUNK,  # one chunk per shard
+        replay_ratio=None,
+        rate_limit_timeout_s=HANG_S,
+    )
+    shard_class = remote_shard_class(num_cpus=0)
+    shards = [shard_class.remote(config, BATCH, index) for index in range(count)]
+    data = episode_payloads(range(10), 0)
+    for index, chunks in enumerate(chunks_per_shard):
+        ray.get([shards[index].insert.remote(p) for p in data[:chunks]], timeout=HANG_S)
+    return shards
+
+
+def sampled_total(shards: list[Any]) -> int:
+    return sum(s["sampled_transitions"] for s in ray.get([s.stats.remote() for s in shards]))
+
+
+def test_sampler_sends_one_call_per_shard_per_batch_and_prefetches(ray_instance: None) -> None:
+    shards = filled_shards(2, [2, 6])
+    sampler = ReplaySampler(shards, BATCH, prefetch=3, timeout_s=HANG_S)
+    try:
+        for _ in range(4):
+            sample = sampler.next()
+            assert np.abs(np.bincount(sample.shard_index) - [BATCH // 4, 3 * BATCH // 4]).max() <= 1
+            assert sample.sampled.shard_size == 8 * CHUNK  # the sizes come back with the sample
+        # Sizes were asked once, when the thread started; every later batch
+        # took one sample call per shard. With the learner idle, the thread
+        # holds `prefetch` ready batches and one more, no further.
+        wait_until(lambda: sampled_total(shards) == (4 + 3 + 1) * BATCH, "the prefetch to fill")
+        assert sampler.size_queries == 2
+        assert sampler.sample_requests == 2 * (4 + 3 + 1)
+    finally:
+        sampler.close()
+    assert sampled_total(shards) == (4 + 3 + 1) * BATCH
+    for shard in shards:
+        ray.kill(shard)
+
+
+def test_sampler_tracks_a_shard_that_fills_later(ray_instance: None) -> None:
+    # Shard 1 is empty at first: its share is 0, and it is asked its size with
+    # every batch until it holds data, then sampled in proportion.
+    shards = filled_shards(2, [2, 0])
+    sampler = ReplaySampler(shards, BATCH, prefetch=1, timeout_s=HANG_S)
+    try:
+        first = sampler.next()
+        assert set(first.shard_index.tolist()) == {0}
+        ray.get([shards[1].insert.remote(p) for p in episode_payloads(range(1), 3)])
+        deadline = time.monotonic() + HANG_S
+        while 1 not in set(sampler.next().shard_index.tolist()):
+            assert time.monotonic() < deadline, "shard 1 was never sampled"
+        assert sampler.size_queries >= 3  # both at the start, then shard 1 with its 0 share
+    finally:
+        sampler.close()
+    for shard in shards:
+        ray.kill(shard)

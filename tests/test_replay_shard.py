@@ -1,4 +1,5 @@
-"""A replay shard in-process: bad payloads, the rate limiter, snapshots."""
+"""A replay shard in-process: bad payloads, the rate limiter, snapshots, and
+the sample path (the legacy batch, decoding outside the lock)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from buffer_service.codec import Chunk, CodecError, CompressedChunk, compress, e
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.shard import ReplayShard
 from buffer_service.snapshot import read_latest
+from buffer_service.storage import SampledBatch
 from buffer_service.synthetic import SyntheticEpisode, chunked
 from td3drive.config import ReplayConfig
 
@@ -413,3 +415,78 @@ def test_restarts_are_counted_even_between_snapshots(tmp_path: Path) -> None:
     assert make_shard(tmp_path).stats()["restarts"] == 3
     # Without a snapshot directory only this restart is known.
     assert make_shard(None, restarted=True).stats()["restarts"] == 1
+
+
+# ------------------------------------------------------------ the sample path
+@pytest.mark.parametrize("decode_threads", [1, 2])
+def test_sample_returns_exactly_the_legacy_batch(decode_threads: int) -> None:
+    legacy = make_shard(n_step=3)
+    ours = ReplayShard(legacy.config, batch_size=8, decode_threads=decode_threads)
+    for payload in payloads(6):
+        legacy.insert(payload)
+        ours.insert(payload)
+    for _ in range(3):
+        want, got = legacy._sample_legacy(8), ours.sample(8)
+        assert got.shard_size == want.shard_size == 6 * CHUNK
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.policy_versions, want.policy_versions)
+        for name, value in want.batch.arrays().items():
+            np.testing.assert_array_equal(getattr(got.batch, name), value, err_msg=name)
+    assert ours.stats()["rate_limiter_sampled"] == legacy.stats()["rate_limiter_sampled"] == 24
+
+
+def test_decode_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="decode_threads"):
+        ReplayShard(make_shard().config, batch_size=8, decode_threads=0)
+
+
+def test_inserts_and_size_queries_proceed_while_a_sample_decodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sample decodes outside the shard's lock: hold its decoding and
+    # insert meanwhile. Under the legacy path the insert waited for the
+    # whole batch's decoding.
+    import buffer_service.storage as storage_module
+
+    shard = make_shard()
+    data = payloads(3)
+    shard.insert(data[0])
+    decoding, release = threading.Event(), threading.Event()
+    real = storage_module.decompress_frames
+
+    def held(*args: object, **kwargs: object) -> object:
+        decoding.set()
+        assert release.wait(60), "the test never released the decoder"
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage_module, "decompress_frames", held)
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(shard.sample(8)))
+    thread.start()
+    try:
+        assert decoding.wait(60), "the sample never started decoding"
+        shard.insert(data[1])  # would hang here if the sample held the lock
+        assert shard.size() == 2 * CHUNK
+        assert shard.stats()["sampled_transitions"] == 8  # counted when the ids were drawn
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive() and len(result) == 1
+    sampled = result[0]
+    assert isinstance(sampled, SampledBatch)
+    assert sampled.shard_size == CHUNK  # the size when its ids were drawn
+    assert sampled.ids.max() < CHUNK
+    sampled.batch.validate()
+
+
+def test_a_compressed_sample_is_the_batch_sample_would_have_returned() -> None:
+    ours, twin = make_shard(), make_shard()
+    for payload in payloads(4):
+        ours.insert(payload)
+        twin.insert(payload)
+    want = twin.sample(8)
+    got = ours._sample_compressed(8).decode()
+    np.testing.assert_array_equal(got.ids, want.ids)
+    for name, value in want.batch.arrays().items():
+        np.testing.assert_array_equal(getattr(got.batch, name), value, err_msg=name)
+    assert ours.stats()["sampled_transitions"] == 8

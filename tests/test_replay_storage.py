@@ -1,15 +1,19 @@
 """Replay storage: stacks and n-step targets against a naive reference,
-eviction, capacity, prioritized sampling."""
+eviction, capacity, prioritized sampling; the gather sample path against the
+legacy per-row loop."""
 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+import buffer_service.codec as codec_module
+import buffer_service.storage as storage_module
 from buffer_service.codec import MAX_ABS_REWARD, Chunk, compress
-from buffer_service.storage import CapacityError, ReplayStorage, nstep_targets
+from buffer_service.storage import CapacityError, ReplayStorage, SampledBatch, nstep_targets
 from buffer_service.synthetic import SyntheticEpisode, chunked
 from td3drive.spec import Transition
 
@@ -241,3 +245,124 @@ def test_new_transitions_get_the_max_priority_and_stale_updates_are_counted() ->
 def test_uniform_storage_refuses_priority_updates() -> None:
     with pytest.raises(ValueError, match="prioritized"):
         _filled(prioritized=False).update_priorities(np.array([0]), np.array([1.0]))
+
+
+# ------------------------------------------------------------ the gather sample path
+def _twin(n_step: int, prioritized: bool, capacity: int = 120) -> ReplayStorage:
+    """A storage holding episodes of every length and end, the oldest evicted
+    (ids start past 0, partial chunks); prioritized ones re-prioritised."""
+    storage = ReplayStorage(
+        capacity, 10**9, n_step=n_step, gamma=GAMMA, prioritized=prioritized, seed=11
+    )
+    for transitions in [*episodes(), *episodes(seed=1)]:
+        for chunk in chunked(transitions, 8):
+            storage.insert(compress(chunk))
+    if prioritized:
+        ids = np.arange(storage.oldest_id, storage.next_id)
+        storage.update_priorities(ids, np.random.default_rng(2).random(ids.shape[0]) * 5)
+    return storage
+
+
+def assert_same_sample(got: SampledBatch, want: SampledBatch) -> None:
+    """Every array bit for bit, with its dtype and shape, and every field."""
+    for name in [f.name for f in dataclasses.fields(want.batch)]:
+        a, b = getattr(got.batch, name), getattr(want.batch, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    for name in ("ids", "policy_versions"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert got.weight_scale == want.weight_scale
+    assert got.shard_size == want.shard_size
+
+
+@pytest.mark.parametrize("prioritized", [False, True], ids=["uniform", "prioritized"])
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_gather_path_returns_exactly_the_legacy_batch(n_step: int, prioritized: bool) -> None:
+    legacy, ours = _twin(n_step, prioritized), _twin(n_step, prioritized)
+    assert legacy.oldest_id > 0 and legacy.counters["evicted_chunks"] > 0
+    for batch_size in (1, 7, 300):  # one row, a few chunks, every chunk many times
+        want = legacy.sample(batch_size, method="legacy")
+        got = ours.sample(batch_size)
+        assert_same_sample(got, want)
+        got.batch.validate()
+    assert ours.counters == legacy.counters
+
+
+def test_a_plan_outlives_the_eviction_of_its_chunks() -> None:
+    # A shard plans under its lock and gathers after it: inserts may evict the
+    # plan's chunks in between. Chunks are immutable; the plan keeps them.
+    legacy, ours = _twin(3, False), _twin(3, False)
+    want = legacy.sample(64, method="legacy")
+    plan = ours.plan_sample(64)
+    rng = np.random.default_rng(9)
+    for episode in range(20):  # evicts every chunk the plan refers to
+        transitions = SyntheticEpisode(rng, 100 + episode, 16, None).transitions()
+        ours.insert(compress(Chunk.from_transitions(transitions)))
+    assert ours.oldest_id > int(plan.ids.max())
+    assert_same_sample(plan.gather(), want)
+
+
+def test_gather_decodes_each_frame_once_and_on_a_pool_the_same() -> None:
+    storage = _twin(1, False)
+    plan = storage.plan_sample(300)
+    calls: list[int] = []
+    real = codec_module.decompress_frames
+
+    def counting(chunks: object, chunk_index: np.ndarray, *args: object) -> np.ndarray:
+        calls.append(int(chunk_index.shape[0]))
+        return real(chunks, chunk_index, *args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage_module, "decompress_frames", counting)
+        serial = plan.gather()
+    # At n = 1 a row needs 5 distinct frames; many rows share chunks and frames.
+    frames_held = sum(chunk.num_steps + 4 for _, chunk in storage.chunks())
+    assert len(calls) == 1 and calls[0] <= min(5 * 300, frames_held)
+    with ThreadPoolExecutor(3) as pool:
+        assert_same_sample(plan.gather(pool, parts=3), serial)
+
+
+def test_decompress_frames_matches_frame_by_frame() -> None:
+    rng = np.random.default_rng(4)
+    chunks = [
+        compress(Chunk.from_transitions(SyntheticEpisode(rng, e, 6, None).transitions()))
+        for e in range(3)
+    ]
+    which = np.array([2, 0, 0, 1, 2, 2])
+    index = np.array([9, 0, 9, 4, 3, 0])
+    want = np.stack([chunks[c].frame(i) for c, i in zip(which, index, strict=True)])
+    with ThreadPoolExecutor(2) as pool:
+        for got in (
+            codec_module.decompress_frames(chunks, which, index),
+            codec_module.decompress_frames(chunks, which, index, pool, parts=4),
+        ):
+            assert got.dtype == np.uint8 and got.shape == (6, 84, 84)
+            np.testing.assert_array_equal(got, want)
+    assert codec_module.decompress_frames(chunks, which[:0], index[:0]).shape == (0, 84, 84)
+    with pytest.raises(IndexError):
+        codec_module.decompress_frames(chunks, np.array([0]), np.array([10]))
+
+
+def test_unknown_sample_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="method"):
+        _twin(1, False).sample(4, method="fast")
+
+
+@pytest.mark.parametrize("prioritized", [False, True], ids=["uniform", "prioritized"])
+def test_a_compressed_sample_decodes_to_the_gathered_batch(prioritized: bool) -> None:
+    storage = _twin(3, prioritized)
+    plan = storage.plan_sample(200)
+    want = plan.gather()
+    shipped = plan.compressed()
+    assert_same_sample(shipped.decode(), want)
+    with ThreadPoolExecutor(2) as pool:
+        assert_same_sample(shipped.decode(pool, parts=2), want)
+    # Each distinct frame travels once, compressed: far fewer bytes than the batch.
+    raw = sum(a.nbytes for a in want.batch.arrays().values())
+    assert shipped.nbytes < raw / 3
+    assert shipped.frame_offsets[-1] == len(shipped.frame_data)
