@@ -10,7 +10,6 @@ checked in tests/test_kuberay_manifests.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -41,6 +40,7 @@ from td3drive.prometheus import (
     MetricsPortError,
     RunMetrics,
 )
+from tests.test_train import _prometheus_binary, _start_prometheus
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -712,11 +712,7 @@ def test_a_real_prometheus_sees_the_nan_gauge_of_a_run_that_stopped(tmp_path: Pa
     after the run ended, scrapes both; TD3DriveNonFiniteLoss (deploy's rules)
     fires with the run_id, and keeps firing after the endpoint is gone.
     Before, the endpoint was shut at once and Prometheus never saw the gauge."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide the Debian prometheus package (.ci/run installs it)")
-        pytest.skip("the prometheus server is not installed (apt-get install prometheus)")
+    _prometheus_binary()  # skips (or fails under CI) without the server
     metrics = RunMetrics(run_id="nan-run")
     endpoint = MetricsEndpoint.bind(metrics, 0, address="127.0.0.1")
     metrics.set_gauge("td3drive_learner_non_finite_loss", 1.0)
@@ -726,32 +722,7 @@ def test_a_real_prometheus_sees_the_nan_gauge_of_a_run_that_stopped(tmp_path: Pa
     closer.start()
     _wait_for(lambda: endpoint.lingering, "close() lingers")
 
-    web_port = _free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(ALERTS)],
-                "scrape_configs": [
-                    {
-                        "job_name": "td3drive",
-                        "static_configs": [{"targets": [f"127.0.0.1:{endpoint.port}"]}],
-                    }
-                ],
-            }
-        )
-    )
-    server = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    prometheus = f"http://127.0.0.1:{web_port}"
+    server, prometheus = _start_prometheus(tmp_path, endpoint.port, rule_files=[str(ALERTS)])
 
     def firing(alert: str) -> list[dict[str, Any]]:
         return _prometheus_query(prometheus, f'ALERTS{{alertname="{alert}", alertstate="firing"}}')

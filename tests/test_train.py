@@ -226,15 +226,19 @@ def _prometheus_binary() -> str:
     return binary
 
 
-def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen[bytes], str]:
-    """A real Prometheus scraping ``127.0.0.1:metrics_port`` every second;
-    returns the process and its base URL."""
+def _start_prometheus(
+    tmp_path: Path, metrics_port: int, rule_files: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A real Prometheus scraping ``127.0.0.1:metrics_port`` every second as
+    job ``td3drive`` (and evaluating ``rule_files`` every second); returns the
+    process and its base URL."""
     binary = _prometheus_binary()
     web_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         yaml.safe_dump(
             {
-                "global": {"scrape_interval": "1s"},
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": rule_files or [],
                 "scrape_configs": [
                     {
                         "job_name": "td3drive",
