@@ -366,10 +366,10 @@ def _compressed_shipping(
     build a compressed sample, its bytes against the decoded batch's, and the
     receiver's cost to decode it with each decode pool size."""
     shard = shards[1]
-    shard._sample_compressed(batch_size)  # warm up
+    shard.sample_compressed(batch_size)  # warm up
     start = time.perf_counter()
     for _ in range(batches):
-        shipped = shard._sample_compressed(batch_size)
+        shipped = shard.sample_compressed(batch_size)
     shard_rate = batches / (time.perf_counter() - start)
     decoded = shipped.decode()
     raw = sum(a.nbytes for a in decoded.batch.arrays().values())

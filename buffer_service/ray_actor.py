@@ -30,6 +30,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from buffer_service import shard as _shard
 from buffer_service.codec import CodecError, payload_steps
 from buffer_service.rate_limiter import RateLimiterTimeout
-from buffer_service.storage import SampledBatch
+from buffer_service.storage import CompressedSample, SampledBatch
 from td3drive.config import ReplayConfig
 from td3drive.spec import Batch
 
@@ -61,10 +62,20 @@ more threads would not insert faster) and how many wait inside the shard
 rather than in Ray's queue; 16 covers 16 workers with 4 pushes in flight over
 4 shards (deploy/cluster.yaml) without queueing."""
 
-SAMPLE_THREADS = 2
-"""Threads of a shard's ``sample`` group: one learner samples each shard one
-batch at a time; the second lets a new sample start while an abandoned one
-(the sampler was reset) still waits out its rate-limiter timeout."""
+
+def sample_threads(prefetch_batches: int) -> int:
+    """Threads of a shard's ``sample`` group: ``prefetch_batches + 1``.
+
+    The learner's :class:`ReplaySampler` keeps up to ``prefetch_batches``
+    samples requested from every shard at once, so that many must be able to
+    run at once (decoding outside the lock, in parallel when the shard has the
+    cores); the one more lets a new sample start while an abandoned one (the
+    sampler was reset) still waits out its rate-limiter timeout."""
+    return prefetch_batches + 1
+
+
+SAMPLE_THREADS = sample_threads(2)
+"""``sample`` group threads for the default ``replay.prefetch_batches`` (2)."""
 
 CONTROL_THREADS = 4
 """Threads of a shard's ``control`` group (size, stats, save, restore,
@@ -145,6 +156,10 @@ class ReplayShard(_shard.ReplayShard):
     def sample(self, batch_size: int) -> SampledBatch:
         return super().sample(batch_size)
 
+    @_in_group("sample")
+    def sample_compressed(self, batch_size: int) -> CompressedSample:
+        return super().sample_compressed(batch_size)
+
     @_in_group("control")
     def release_rate_limit(self) -> None:
         super().release_rate_limit()
@@ -174,28 +189,36 @@ class ReplayShard(_shard.ReplayShard):
         return super().restore(directory)
 
 
-def remote_shard_class(max_concurrency: int = INSERT_THREADS, num_cpus: float = 1.0) -> Any:
+def remote_shard_class(
+    max_concurrency: int = INSERT_THREADS,
+    num_cpus: float = 1.0,
+    sample_concurrency: int = SAMPLE_THREADS,
+) -> Any:
     """:class:`ReplayShard` as a threaded Ray actor class that Ray restarts when
     it dies (the restarted shard reloads its last snapshot from
     ``snapshot_dir`` and counts the restart in ``stats()["restarts"]``).
 
     Concurrency groups: ``insert`` (``max_concurrency`` threads, see
-    :data:`INSERT_THREADS`), ``sample`` (:data:`SAMPLE_THREADS`) and
+    :data:`INSERT_THREADS`), ``sample`` (``sample_concurrency``) and
     ``control`` (:data:`CONTROL_THREADS`): a blocked insert never delays a
     sample, size, stats, snapshot or release, whatever the worker count.
 
     Args:
         max_concurrency: threads of the ``insert`` group, ``≥ 1``.
         num_cpus: CPUs reserved per shard.
+        sample_concurrency: threads of the ``sample`` group, ``≥ 1``
+            (:func:`sample_threads` of ``replay.prefetch_batches``).
 
     Returns:
         The actor class; ``.remote(config, batch_size, shard_index, snapshot_dir, seed)``.
 
     Raises:
-        ValueError: ``max_concurrency < 1``.
+        ValueError: ``max_concurrency < 1`` or ``sample_concurrency < 1``.
     """
     if max_concurrency < 1:
         raise ValueError("max_concurrency (insert threads) must be >= 1")
+    if sample_concurrency < 1:
+        raise ValueError("sample_concurrency (sample threads) must be >= 1")
     # Ray's stubs omit max_concurrency and concurrency_groups, actor options.
     return ray.remote(  # type: ignore[call-overload]
         num_cpus=num_cpus,
@@ -203,7 +226,7 @@ def remote_shard_class(max_concurrency: int = INSERT_THREADS, num_cpus: float = 
         max_concurrency=CONTROL_THREADS,  # the default group: methods not assigned above
         concurrency_groups={
             "insert": max_concurrency,
-            "sample": SAMPLE_THREADS,
+            "sample": sample_concurrency,
             "control": CONTROL_THREADS,
         },
     )(ReplayShard)
@@ -450,6 +473,12 @@ class ReplaySampler:
             priority updates.
         max_priority_batches_in_flight: batches whose priority updates may be
             unacknowledged at once; :meth:`update_priorities` waits beyond it.
+        transport: ``"decoded"``: shards send decoded samples (``sample``);
+            ``"compressed"``: shards send each distinct frame LZ4-compressed
+            (``sample_compressed``) and the sampler's thread decodes them
+            (``replay.sample_transport``).
+        decode_threads: with ``"compressed"``, threads that decompress the
+            frames (``replay.sample_decode_threads``; 1 = the sampler's thread).
 
     Attributes:
         batches: batches handed out.
@@ -477,11 +506,24 @@ class ReplaySampler:
         prefetch: int = 2,
         timeout_s: float = 600.0,
         max_priority_batches_in_flight: int = 2,
+        transport: str = "decoded",
+        decode_threads: int = 1,
     ) -> None:
         if max_priority_batches_in_flight < 1:
             raise ValueError("max_priority_batches_in_flight must be >= 1")
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
+        if transport not in ("decoded", "compressed"):
+            raise ValueError(f"transport must be 'decoded' or 'compressed', got {transport!r}")
+        if decode_threads < 1:
+            raise ValueError("decode_threads must be >= 1")
+        self.transport = transport
+        self.decode_threads = decode_threads
+        self._decode_pool = (
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="sampler-decode")
+            if transport == "compressed" and decode_threads > 1
+            else None
+        )
         self._shards = list(shards)
         self.batch_size = batch_size
         self.timeout_s = timeout_s
@@ -740,7 +782,8 @@ class ReplaySampler:
             shard = self._shards[index]
             if count > 0:
                 self.sample_requests += 1
-                requests.append(_Request(index, count, shard.sample.remote(count)))
+                method = shard.sample_compressed if self.transport == "compressed" else shard.sample
+                requests.append(_Request(index, count, method.remote(count)))
             else:
                 self.size_queries += 1
                 requests.append(_Request(index, 0, shard.size.remote()))
@@ -772,6 +815,8 @@ class ReplaySampler:
             if request.count == 0:
                 sizes[request.shard] = int(reply)
                 continue
+            if isinstance(reply, CompressedSample):
+                reply = reply.decode(self._decode_pool, self.decode_threads)
             if reply.shard_size is not None:
                 sizes[request.shard] = int(reply.shard_size)
             parts.append(reply)

@@ -58,9 +58,12 @@ class ReplayShard:
         seed: sampling seed (offset by ``shard_index``).
         restarted: this process replaces one that died (the Ray wrapper passes
             ``was_current_actor_reconstructed``); counted in ``restarts``.
-        decode_threads: threads that decompress a sample's frames, ``≥ 1``;
-            1 decompresses in the calling thread (``lz4`` releases the GIL, so
-            more threads help only where the shard has cores to spare).
+        decode_threads: threads that decompress the frames of a :meth:`sample`,
+            ``≥ 1``; 1 decompresses in the calling thread (``lz4`` releases the
+            GIL, so more threads help only where the shard has cores to spare).
+            ``None``: ``config.sample_decode_threads`` when
+            ``config.sample_transport`` is ``"decoded"``, else 1 (the learner
+            decodes).
 
     Raises:
         ValueError: a tolerance too small for ``batch_size`` and ``chunk_steps``,
@@ -77,8 +80,12 @@ class ReplayShard:
         snapshot_dir: str | Path | None = None,
         seed: int = 0,
         restarted: bool = False,
-        decode_threads: int = 1,
+        decode_threads: int | None = None,
     ) -> None:
+        if decode_threads is None:
+            decode_threads = (
+                config.sample_decode_threads if config.sample_transport == "decoded" else 1
+            )
         if decode_threads < 1:
             raise ValueError("decode_threads must be >= 1")
         self.config = config
@@ -216,10 +223,16 @@ class ReplayShard:
             batch_size, lambda size: self._storage.sample(size, method="legacy")
         )
 
-    def _sample_compressed(self, batch_size: int) -> CompressedSample:
-        """:meth:`sample` with the frames left compressed, to be decoded by
-        the caller (:meth:`CompressedSample.decode`); measured by ``bench
-        replay``, not served over Ray."""
+    def sample_compressed(self, batch_size: int) -> CompressedSample:
+        """:meth:`sample` with the frames left compressed, each distinct frame
+        once (``replay.sample_transport: compressed``), to be decoded by the
+        caller (:meth:`CompressedSample.decode`, which returns what
+        :meth:`sample` would have for the same draw, ``shard_size`` included).
+
+        Raises:
+            RateLimiterTimeout: waited ``rate_limit_timeout_s``.
+            ValueError: ``batch_size < 1``.
+        """
         return self._take_sample(batch_size, self._storage.plan_sample).compressed()
 
     def _take_sample(self, batch_size: int, take: Callable[[int], _T]) -> _T:
@@ -314,7 +327,8 @@ class ReplayShard:
             limiter now); ``restarted`` (bool: this process replaced a dead
             one), ``rate_limiter_inserted``, ``rate_limiter_sampled``,
             ``rate_limiter_debt``, ``policy_version`` (newest seen),
-            ``restored_from`` (snapshot path loaded at start, or ``None``).
+            ``restored_from`` (snapshot path loaded at start, or ``None``),
+            ``decode_threads`` (threads that decompress a :meth:`sample`).
         """
         with self._cond:
             return {
@@ -330,6 +344,7 @@ class ReplayShard:
                 "rate_limiter_debt": self._limiter.debt,
                 "policy_version": self.policy_version,
                 "restored_from": self.restored_from,
+                "decode_threads": self.decode_threads,
             }
 
     # ------------------------------------------------------------ snapshots

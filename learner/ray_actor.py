@@ -137,6 +137,8 @@ class LearnerActor:
             config.learner.batch_size,
             prefetch=config.replay.prefetch_batches,
             timeout_s=config.replay.rate_limit_timeout_s,
+            transport=config.replay.sample_transport,
+            decode_threads=config.replay.sample_decode_threads,
         )
         self.prioritized = config.replay.prioritized
         self.board = weights_board
@@ -152,6 +154,17 @@ class LearnerActor:
 
     def device(self) -> str:
         return str(self.learner.device)
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """How this learner's sampler fetches batches: ``transport``
+        (``replay.sample_transport``), ``decode_threads``
+        (``replay.sample_decode_threads``, used with ``compressed``) and
+        ``prefetch`` (``replay.prefetch_batches``)."""
+        return {
+            "transport": self.sampler.transport,
+            "decode_threads": self.sampler.decode_threads,
+            "prefetch": self.sampler.prefetch,
+        }
 
     def torch_threads(self) -> int:
         """torch intra-op threads in the learner's process (``run.learner_torch_threads``)."""

@@ -707,12 +707,22 @@ class TD3Learner:
     def _to_tensors(self, batch: Batch) -> tuple[Any, ...]:
         """The batch's arrays on the device, dtypes kept: images stay uint8
         (a quarter of float32's bytes on the host-to-device copy) and become
-        floats in the encoder's first line (``normalize_image``)."""
+        floats in the encoder's first line (``normalize_image``).
+
+        On CUDA each array is first copied into page-locked (pinned) host
+        memory, so the host-to-device copy is asynchronous (a pageable source
+        makes ``non_blocking`` a synchronous copy). Pinned blocks come from
+        torch's caching host allocator, which reuses them once their copy has
+        finished (PyTorch docs, "CUDA semantics: use pinned memory buffers")."""
+        pin = self.device.type == "cuda"
 
         def put(array: np.ndarray | None) -> torch.Tensor | None:
             if array is None:
                 return None
-            return read_only_tensor(array).to(self.device, non_blocking=True)
+            tensor = read_only_tensor(array)
+            if pin:
+                tensor = tensor.pin_memory()
+            return tensor.to(self.device, non_blocking=True)
 
         return (
             put(batch.obs_image),

@@ -201,9 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the learner's replay feed on Ray: batches/s vs shard count, learner wait share",
         description="Fills S replay shards (Ray actors) with the same chunks, then a consumer "
         "takes batches from the real ReplaySampler and only turns them into torch tensors "
-        "on --device. Per shard count, beside the issue-11 sampler protocol (size query "
-        "then sample, one batch in flight) as the baseline: batches_per_s, mb_per_s, "
-        "speedup_vs_issue11, upload_ms_mean, and learner_wait_share: the share of its "
+        "on --device. Per shard count, three samplers: size-then-sample (the baseline: "
+        "ask every shard its size, then sample, one batch in flight), pipelined (the "
+        "real ReplaySampler, decoded samples) and compressed (the real ReplaySampler "
+        "with replay.sample_transport compressed: frames travel LZ4-compressed and are "
+        "decoded by the sampler on --decode-threads threads). Each row: batches_per_s, "
+        "mb_per_s (bytes through Ray's object store), speedup_vs_baseline, "
+        "upload_ms_mean, and learner_wait_share: the share of its "
         "time a learner at --learner-updates-per-s would wait for batches (measured by "
         "a consumer that sleeps each update's time; learner_wait_share_estimate is "
         "1 - batches_per_s / rate).",
@@ -246,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument(
         "--device", default="cpu", help="the learner's torch device (cpu, cuda, cuda:1, ...)"
+    )
+    pipeline.add_argument(
+        "--decode-threads",
+        type=_positive_int,
+        default=2,
+        help="the compressed sampler's decode threads (replay.sample_decode_threads)",
     )
     pipeline.add_argument(
         "--learner-updates-per-s",
@@ -991,6 +1001,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             device=args.device,
             learner_updates_per_s=args.learner_updates_per_s,
+            decode_threads=args.decode_threads,
             source=args.source,
             episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
             progress=lambda line: print(line, file=sys.stderr, flush=True),

@@ -207,7 +207,29 @@ class ReplayConfig(_Section):
     max_pushes_in_flight: int = Field(
         4, ge=1, description="Pushes a worker may have outstanding before it waits."
     )
-    prefetch_batches: int = Field(2, ge=1, description="Sampled batches the learner keeps ready.")
+    prefetch_batches: int = Field(
+        2,
+        ge=1,
+        description="Sampled batches the learner keeps requested or ready; each shard "
+        "serves up to prefetch_batches + 1 samples at once.",
+    )
+    sample_transport: Literal["decoded", "compressed"] = Field(
+        "decoded",
+        description="How a sample travels from a shard to the learner. decoded: the shard "
+        "decompresses its sample's frames and sends uint8 image stacks (~14.5 MB per "
+        "batch of 256). compressed: the shard sends each distinct frame of its sample "
+        "once, LZ4-compressed (~1.1 MB per batch of 256 on simulator frames), and the "
+        "learner's sampler decompresses them; a shard then serves several times more "
+        "batches per core, at the cost of decoding on the learner's CPUs "
+        "(docs/benchmarks.md, bench replay and bench pipeline).",
+    )
+    sample_decode_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads that decompress a sample's frames (lz4 releases the GIL): in "
+        "each shard when sample_transport is decoded, in the learner's sampler when it "
+        "is compressed. 1 decodes in the calling thread.",
+    )
     prioritized: bool = Field(
         False,
         description="Proportional prioritized replay (Schaul et al. 2016): shards sample "

@@ -419,7 +419,7 @@ class TrainingRun:
             )
 
     def _start_services(self) -> None:
-        from buffer_service.ray_actor import remote_shard_class
+        from buffer_service.ray_actor import remote_shard_class, sample_threads
         from learner.ray_actor import remote_learner_actor_class
         from rollout_workers.ray_actor import (
             remote_evaluator_class,
@@ -443,7 +443,10 @@ class TrainingRun:
         tag = f"td3drive-{uuid.uuid4().hex[:8]}"
         shard_names = [f"{tag}-shard-{i}" for i in range(cfg.replay.num_shards)]
         board_name = f"{tag}-weights-board"
-        shard_class = remote_shard_class(num_cpus=run.shard_num_cpus)
+        shard_class = remote_shard_class(
+            num_cpus=run.shard_num_cpus,
+            sample_concurrency=sample_threads(cfg.replay.prefetch_batches),
+        )
         self.shards = [
             shard_class.options(name=shard_names[index], **_OUTSIDE_ANY_PLACEMENT_GROUP).remote(
                 cfg.replay,  # a small pydantic object, pickled by value

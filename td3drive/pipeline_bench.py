@@ -5,14 +5,18 @@ the same chunks (synthetic frames, or the embedded simulator's as
 ``bench replay --source racetrack`` makes them), then a consumer in this
 process takes batches from a sampler and only turns them into torch tensors
 on the learner's device (pinned host memory and an asynchronous copy on
-CUDA, then a synchronize; zero-copy ``torch.from_numpy`` on CPU). Two
+CUDA, then a synchronize; zero-copy ``torch.from_numpy`` on CPU). Three
 samplers run on the same shards in the same run:
 
-* ``issue11``: the protocol before issue 13 (the baseline): before each batch
-  ask every shard its size, then sample, one batch in flight.
+* ``size-then-sample`` (the baseline): before each batch ask every shard its
+  size, then sample, one batch in flight.
 * ``pipelined``: :class:`buffer_service.ray_actor.ReplaySampler`: one call per
   shard per batch (sizes come back with the samples), ``prefetch`` batches
-  requested ahead.
+  requested ahead; shards send decoded samples.
+* ``compressed``: the same sampler with ``transport="compressed"``
+  (``replay.sample_transport``): shards send each distinct frame once,
+  LZ4-compressed, and the sampler decodes on ``decode_threads`` threads in
+  this process (as it would in the learner's).
 
 Each is measured twice. *Unpaced*, the consumer takes batches as fast as they
 come: ``batches_per_s`` is the most the feed delivers. *Paced*, the consumer
@@ -43,7 +47,8 @@ from td3drive.spec import Transition
 
 Progress = Callable[[str], None]
 
-SAMPLERS = ("issue11", "pipelined")
+SAMPLERS = ("size-then-sample", "pipelined", "compressed")
+BASELINE = "size-then-sample"
 
 
 def run_pipeline_benchmark(
@@ -56,6 +61,7 @@ def run_pipeline_benchmark(
     prefetch: int = 2,
     device: str = "cpu",
     learner_updates_per_s: float = 500.0,
+    decode_threads: int = 2,
     source: str = "synthetic",
     episodes_source: Callable[[int], list[Transition]] | None = None,
     progress: Progress = print,
@@ -74,6 +80,7 @@ def run_pipeline_benchmark(
         device: the learner's torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         learner_updates_per_s: the update rate of the learner the paced
             consumer plays, updates/s.
+        decode_threads: the ``compressed`` sampler's decode threads.
         source: a name for the frames' origin, reported in the JSON.
         episodes_source: returns that many consecutive transitions (whole
             episodes); ``None`` = synthetic frames.
@@ -83,8 +90,9 @@ def run_pipeline_benchmark(
         sampler (``shards``, ``sampler``, ``batches_per_s``, ``mb_per_s``,
         ``consumer_wait_share``, ``upload_ms_mean``, ``learner_wait_share``,
         ``learner_updates_per_s_achieved``, ``learner_wait_share_estimate``,
-        ``speedup_vs_issue11``), plus the settings, ``batch_bytes`` and
-        ``machine``.
+        ``shipped_bytes``: bytes of one batch as it crosses the object store,
+        ``speedup_vs_baseline``), plus the settings, ``batch_bytes`` (one
+        decoded batch) and ``machine``.
 
     Raises:
         ValueError: empty or non-positive shard counts, or non-positive sizes.
@@ -102,6 +110,8 @@ def run_pipeline_benchmark(
         raise ValueError("sizes, batches and prefetch must be >= 1, warmup >= 0")
     if learner_updates_per_s <= 0:
         raise ValueError("learner_updates_per_s must be > 0")
+    if decode_threads < 1:
+        raise ValueError("decode_threads must be >= 1")
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: CUDA is not available")
@@ -135,9 +145,26 @@ def run_pipeline_benchmark(
             shards = [shard_class.remote(config, batch_size, i) for i in range(count)]
             ray.get([shard.insert.remote(p) for shard in shards for p in payloads])
             progress(f"{count} shard(s) filled with {len(steps)} transitions each")
+            shipped = {
+                "size-then-sample": batch_size * _shipped_per_row(shards, "sample"),
+                "pipelined": batch_size * _shipped_per_row(shards, "sample"),
+                "compressed": batch_size * _shipped_per_row(shards, "sample_compressed"),
+            }
             for name in SAMPLERS:
-                sampler_class = ReplaySampler if name == "pipelined" else _Issue11Sampler
-                sampler = sampler_class(shards, batch_size, prefetch=prefetch, timeout_s=600.0)
+                sampler: Any
+                if name == BASELINE:
+                    sampler = _SizeThenSampleSampler(
+                        shards, batch_size, prefetch=prefetch, timeout_s=600.0
+                    )
+                else:
+                    sampler = ReplaySampler(
+                        shards,
+                        batch_size,
+                        prefetch=prefetch,
+                        timeout_s=600.0,
+                        transport="compressed" if name == "compressed" else "decoded",
+                        decode_threads=decode_threads,
+                    )
                 try:
                     row, batch_bytes = _measure(
                         sampler, target, batches, warmup, learner_updates_per_s
@@ -145,6 +172,8 @@ def run_pipeline_benchmark(
                 finally:
                     sampler.close()
                 row = {"shards": count, "sampler": name, **row}
+                row["shipped_bytes"] = shipped[name]
+                row["mb_per_s"] = row["batches_per_s"] * shipped[name] / 1e6
                 results.append(row)
                 progress(
                     f"{count} shard(s), {name}: {row['batches_per_s']:.1f} batches/s, a learner "
@@ -157,10 +186,8 @@ def run_pipeline_benchmark(
         if started_ray:
             ray.shutdown()
     for row in results:
-        base = next(
-            r for r in results if r["shards"] == row["shards"] and r["sampler"] == "issue11"
-        )
-        row["speedup_vs_issue11"] = row["batches_per_s"] / base["batches_per_s"]
+        base = next(r for r in results if r["shards"] == row["shards"] and r["sampler"] == BASELINE)
+        row["speedup_vs_baseline"] = row["batches_per_s"] / base["batches_per_s"]
     report = {
         "benchmark": "pipeline",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -173,6 +200,7 @@ def run_pipeline_benchmark(
         "prefetch": prefetch,
         "device": str(target),
         "learner_updates_per_s": learner_updates_per_s,
+        "decode_threads": decode_threads,
         "batch_bytes": batch_bytes,
         "results": results,
         "machine": {
@@ -219,7 +247,6 @@ def _measure(
     paced = time.perf_counter() - start
     return {
         "batches_per_s": delivered,
-        "mb_per_s": delivered * size / 1e6,
         "consumer_wait_share": waits / elapsed,
         "upload_ms_mean": 1000 * uploads / batches,
         "learner_wait_share": paced_wait / paced,
@@ -245,11 +272,22 @@ def _upload(arrays: dict[str, np.ndarray], device: Any) -> None:
     torch.cuda.synchronize(device)
 
 
-class _Issue11Sampler:
-    """The sampler protocol before issue 13, as the baseline: a background
-    thread asks every shard its size, then samples them in proportion, one
-    batch in flight, into a queue of ``prefetch`` ready batches. Only
-    :meth:`next` and :meth:`close` of :class:`ReplaySampler`'s API."""
+def _shipped_per_row(shards: Sequence[Any], method: str, rows: int = 64) -> float:
+    """Bytes per sampled row that cross Ray's object store when ``method``
+    (``sample`` or ``sample_compressed``) answers, from one sample of ``rows``
+    of the first shard (its serialized size)."""
+    import ray
+
+    reply = ray.get(getattr(shards[0], method).remote(rows))
+    return len(ray.cloudpickle.dumps(reply)) / rows
+
+
+class _SizeThenSampleSampler:
+    """The baseline sampler protocol (the learner's before the pipelined
+    :class:`ReplaySampler`): a background thread asks every shard its size,
+    then samples them in proportion, one batch in flight, into a queue of
+    ``prefetch`` ready batches. Only :meth:`next` and :meth:`close` of
+    :class:`ReplaySampler`'s API."""
 
     def __init__(
         self, shards: Sequence[Any], batch_size: int, prefetch: int, timeout_s: float
@@ -259,7 +297,9 @@ class _Issue11Sampler:
         self._timeout_s = timeout_s
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, name="issue11-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._fill, name="size-then-sample-prefetch", daemon=True
+        )
         self._thread.start()
 
     def next(self) -> Any:
@@ -315,13 +355,13 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"learner feed, batch {report['batch_size']} ({report['batch_bytes'] / 1e6:.1f} MB), "
         f"prefetch {report['prefetch']}, device {report['device']}, learner at {rate:g} updates/s",
-        f"{'shards':>6} {'sampler':<10} {'batches/s':>10} {'MB/s':>8} {'vs issue11':>10} "
+        f"{'shards':>6} {'sampler':<16} {'batches/s':>10} {'MB/s':>8} {'vs baseline':>11} "
         f"{'upload ms':>9} {'learner waits':>13} {'estimate':>8}",
     ]
     for row in report["results"]:
         lines.append(
-            f"{row['shards']:>6} {row['sampler']:<10} {row['batches_per_s']:>10.1f} "
-            f"{row['mb_per_s']:>8.0f} {row['speedup_vs_issue11']:>9.2f}x "
+            f"{row['shards']:>6} {row['sampler']:<16} {row['batches_per_s']:>10.1f} "
+            f"{row['mb_per_s']:>8.0f} {row['speedup_vs_baseline']:>10.2f}x "
             f"{row['upload_ms_mean']:>9.2f} {100 * row['learner_wait_share']:>12.0f}% "
             f"{100 * row['learner_wait_share_estimate']:>7.0f}%"
         )

@@ -51,11 +51,18 @@ def test_bench_pipeline_writes_its_json(tmp_path: Path) -> None:
     assert report["benchmark"] == "pipeline" and report["device"] == "cpu"
     assert report["batch_bytes"] == 16 * (2 * 4 * 84 * 84 + 2 * 23 * 4 + 2 * 4 + 4 + 4)
     assert [(r["shards"], r["sampler"]) for r in report["results"]] == [
-        (1, "issue11"),
+        (1, "size-then-sample"),
         (1, "pipelined"),
-        (2, "issue11"),
+        (1, "compressed"),
+        (2, "size-then-sample"),
         (2, "pipelined"),
+        (2, "compressed"),
     ]
+    shipped = {r["sampler"]: r["shipped_bytes"] for r in report["results"] if r["shards"] == 1}
+    # Decoded samples carry the batch's arrays (plus ids and versions);
+    # compressed ones each distinct frame once, LZ4-compressed.
+    assert shipped["pipelined"] == shipped["size-then-sample"] > report["batch_bytes"]
+    assert shipped["compressed"] < shipped["pipelined"] / 3
     for row in report["results"]:
         assert row["batches_per_s"] > 0 and row["learner_updates_per_s_achieved"] > 0
         assert 0 <= row["learner_wait_share"] <= 1
@@ -64,8 +71,11 @@ def test_bench_pipeline_writes_its_json(tmp_path: Path) -> None:
             max(0.0, 1 - row["batches_per_s"] / 1000)
         )
         results = report["results"]
-        base = next(r for r in results if (r["shards"], r["sampler"]) == (row["shards"], "issue11"))
-        assert row["speedup_vs_issue11"] == pytest.approx(
+        base = next(
+            r for r in results if (r["shards"], r["sampler"]) == (row["shards"], "size-then-sample")
+        )
+        assert row["mb_per_s"] == pytest.approx(row["batches_per_s"] * row["shipped_bytes"] / 1e6)
+        assert row["speedup_vs_baseline"] == pytest.approx(
             row["batches_per_s"] / base["batches_per_s"]
         )
     assert "learner waits" in result.stderr  # the table goes to stderr

@@ -230,6 +230,39 @@ def test_updates_of_evicted_transitions_are_skipped(ray_instance: None) -> None:
 
 
 # ------------------------------------------------------------ the learner actor
+@pytest.mark.parametrize("transport", ["decoded", "compressed"])
+def test_sample_transport_and_decode_threads_reach_the_learner_and_shards(
+    ray_instance: None, transport: str
+) -> None:
+    config = TD3DriveConfig(
+        learner=LearnerConfig(
+            device="cpu",
+            features_dim=32,
+            actor_hidden=(32,),
+            critic_hidden=(32,),
+            batch_size=BATCH,
+            random_shift_pad=0,
+        ),
+        replay=replay_config(sample_transport=transport, sample_decode_threads=2),
+        run=RunConfig(publish_every_updates=100),
+    )
+    shards = filled_shards(config.replay, chunks_per_shard=2)
+    board = remote_weights_board_class().remote()
+    learner = remote_learner_actor_class(num_cpus=1).remote(config, shards, board)
+    settings = ray.get(learner.sampler_settings.remote(), timeout=300)
+    assert settings == {"transport": transport, "decode_threads": 2, "prefetch": 2}
+    # The shards decode only when they send decoded samples.
+    want_shard_threads = 2 if transport == "decoded" else 1
+    assert [ray.get(s.stats.remote())["decode_threads"] for s in shards] == [want_shard_threads] * 2
+    stats = ray.get(learner.train.remote(3), timeout=300)
+    assert stats["done"] == 3
+    sampled = [ray.get(s.stats.remote())["sampled_transitions"] for s in shards]
+    assert sum(sampled) >= 3 * BATCH
+    ray.get(learner.close.remote())
+    for actor in (learner, board, *shards):
+        ray.kill(actor)
+
+
 @pytest.mark.parametrize("prioritized", [True, False])
 def test_learner_actor_moves_the_priorities_of_both_shards(
     ray_instance: None, prioritized: bool

@@ -21,6 +21,7 @@ from buffer_service.ray_actor import (
     ReplaySampler,
     ReplayWriter,
     remote_shard_class,
+    sample_threads,
     split_proportionally,
 )
 from buffer_service.synthetic import SyntheticEpisode, chunked
@@ -79,6 +80,7 @@ def test_every_shard_method_has_a_concurrency_group() -> None:
         for name in public
     }
     assert groups.pop("insert") == "insert" and groups.pop("sample") == "sample"
+    assert groups.pop("sample_compressed") == "sample"
     assert set(groups.values()) == {"control"}, groups
 
 
@@ -234,6 +236,85 @@ def test_blocked_inserts_beyond_the_insert_threads_never_delay_other_calls(
     ray.get(held, timeout=HANG_S)
     assert ray.get(shard.size.remote(), timeout=HANG_S) == 7 * CHUNK
     ray.kill(shard)
+
+
+def test_the_sample_group_runs_prefetch_plus_one_samples_at_once(ray_instance: None) -> None:
+    # The pipelined sampler keeps `prefetch` samples in flight per shard: with
+    # too few sample threads they would queue in Ray behind each other instead
+    # of decoding in parallel, and an abandoned sample could hold the last one.
+    prefetch = 3
+    config = ReplayConfig(
+        num_shards=1,
+        chunk_steps=CHUNK,
+        min_size_to_sample=2 * CHUNK,
+        replay_ratio=None,
+        rate_limit_timeout_s=600,
+        prefetch_batches=prefetch,
+    )
+    shard_class = remote_shard_class(num_cpus=0, sample_concurrency=sample_threads(prefetch))
+    shard = shard_class.remote(config, 16, 0)
+    samples = [shard.sample.remote(8) for _ in range(prefetch + 2)]
+    wait_until(lambda: stat(shard, "waiting_samples") == prefetch + 1, "4 samples to block")
+    assert stat(shard, "waiting_samples") == prefetch + 1  # the fifth waits in Ray's queue
+    for payload in episode_payloads(range(1), 0):  # 2 chunks: min_size_to_sample reached
+        ray.get(shard.insert.remote(payload), timeout=HANG_S)
+    assert [s.ids.shape for s in ray.get(samples, timeout=HANG_S)] == [(8,)] * (prefetch + 2)
+    ray.kill(shard)
+
+
+def test_sample_group_size_is_checked() -> None:
+    with pytest.raises(ValueError, match="sample_concurrency"):
+        remote_shard_class(num_cpus=0, sample_concurrency=0)
+
+
+@pytest.mark.parametrize("decode_threads", [1, 2])
+def test_compressed_transport_gives_exactly_the_decoded_batches(
+    ray_instance: None, decode_threads: int
+) -> None:
+    # Two identical pairs of shards (same seeds, same chunks in the same
+    # order): one serves decoded samples, the other compressed ones that the
+    # sampler decodes. prefetch=1 keeps one sample per shard in flight, so
+    # both pairs draw in the same order.
+    config = ReplayConfig(
+        num_shards=2, chunk_steps=CHUNK, min_size_to_sample=CHUNK, replay_ratio=None
+    )
+    data = episode_payloads(range(3), 5)
+    pairs = []
+    for _ in range(2):
+        shard_class = remote_shard_class(num_cpus=0)
+        shards = [shard_class.remote(config, BATCH, index) for index in range(2)]
+        ray.get([s.insert.remote(p) for s in shards for p in data], timeout=HANG_S)
+        pairs.append(shards)
+    decoded = ReplaySampler(pairs[0], BATCH, prefetch=1, timeout_s=HANG_S)
+    compressed = ReplaySampler(
+        pairs[1],
+        BATCH,
+        prefetch=1,
+        timeout_s=HANG_S,
+        transport="compressed",
+        decode_threads=decode_threads,
+    )
+    try:
+        for _ in range(3):
+            want, got = decoded.next(), compressed.next()
+            np.testing.assert_array_equal(got.shard_index, want.shard_index)
+            np.testing.assert_array_equal(got.sampled.ids, want.sampled.ids)
+            np.testing.assert_array_equal(got.sampled.policy_versions, want.sampled.policy_versions)
+            assert got.sampled.shard_size == want.sampled.shard_size == 2 * len(data) * CHUNK
+            for name, array in want.sampled.batch.arrays().items():
+                np.testing.assert_array_equal(got.sampled.batch.arrays()[name], array, name)
+    finally:
+        decoded.close()
+        compressed.close()
+    for actor in (*pairs[0], *pairs[1]):
+        ray.kill(actor)
+
+
+def test_sampler_refuses_an_unknown_transport() -> None:
+    with pytest.raises(ValueError, match="transport"):
+        ReplaySampler([], BATCH, transport="raw")
+    with pytest.raises(ValueError, match="decode_threads"):
+        ReplaySampler([], BATCH, transport="compressed", decode_threads=0)
 
 
 def test_invalid_payload_over_the_wire_is_counted_not_fatal(ray_instance: None) -> None:

@@ -485,7 +485,7 @@ def test_a_compressed_sample_is_the_batch_sample_would_have_returned() -> None:
         ours.insert(payload)
         twin.insert(payload)
     want = twin.sample(8)
-    got = ours._sample_compressed(8).decode()
+    got = ours.sample_compressed(8).decode()
     np.testing.assert_array_equal(got.ids, want.ids)
     for name, value in want.batch.arrays().items():
         np.testing.assert_array_equal(getattr(got.batch, name), value, err_msg=name)
