@@ -40,11 +40,11 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from buffer_service import shard as _shard
-from buffer_service.codec import CodecError, payload_steps
 from buffer_service.rate_limiter import RateLimiterTimeout
 from buffer_service.storage import CompressedSample, SampledBatch
-from td3drive.config import ReplayConfig
-from td3drive.spec import Batch
+from td3drive.contracts.codec import CodecError, payload_steps
+from td3drive.contracts.config import ReplayConfig
+from td3drive.contracts.spec import Batch
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class ReplayWriter:
         ``max_in_flight`` pushes are outstanding.
 
         Args:
-            payload: an encoded chunk (:func:`buffer_service.codec.encode`).
+            payload: an encoded chunk (:func:`td3drive.contracts.codec.encode`).
             timeout_s: most seconds to wait for a free slot; ``None`` waits.
             transitions: the chunk's steps, for the transition counters;
                 ``None`` reads them from the payload's header (0 when the

@@ -26,12 +26,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from buffer_service.codec import CodecError, decode
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
 from buffer_service.storage import CompressedSample, ReplayStorage, SampledBatch
-from td3drive.config import ReplayConfig
-from td3drive.storage import RunStorage
+from td3drive.contracts.codec import CodecError, decode
+from td3drive.contracts.config import ReplayConfig
+from td3drive.contracts.storage import RunStorage
 
 _T = TypeVar("_T")
 
@@ -50,7 +50,7 @@ class ReplayShard:
             one shard (sizes the rate limiter's deadlock-free tolerance).
         shard_index: this shard's index, for messages and stats.
         snapshot_dir: where :meth:`save` writes: a local path or a URI
-            (``s3://``, ``gs://``, ``file://``; :class:`td3drive.storage.RunStorage`).
+            (``s3://``, ``gs://``, ``file://``; :class:`td3drive.contracts.storage.RunStorage`).
             When it holds a complete snapshot the shard starts from it. As a
             Ray actor the shard needs an absolute path or a URI (the driver
             passes one): a relative path is relative to this process's
@@ -361,7 +361,7 @@ class ReplayShard:
 
         Raises:
             ValueError: no directory given and none configured.
-            OSError: (:class:`td3drive.storage.StorageError`) the write failed;
+            OSError: (:class:`td3drive.contracts.storage.StorageError`) the write failed;
                 the previous snapshot is intact.
         """
         storage = RunStorage(directory) if directory is not None else self._snapshots
@@ -395,7 +395,7 @@ class ReplayShard:
 
         Raises:
             buffer_service.snapshot.SnapshotError: a damaged snapshot.
-            td3drive.storage.StorageError: the storage cannot be reached.
+            td3drive.contracts.storage.StorageError: the storage cannot be reached.
         """
         return self._restore(RunStorage(directory))
 

@@ -1,17 +1,17 @@
 """Atomic shard snapshots on the run's storage, no pickle.
 
-The shard's directory is a :class:`td3drive.storage.RunStorage` location: a
+The shard's directory is a :class:`td3drive.contracts.storage.RunStorage` location: a
 local or shared filesystem path, or a URI (``s3://``, ``gs://``, ``file://``)
 that every node reaches. A snapshot is a pair of files in it:
 
 * ``snapshot-<seq>.td3r``: magic ``b"TD3RSNAP"``, a u32-length-prefixed JSON
   header (counters, ids, rate-limiter state), one u64-length-prefixed codec
-  payload per chunk (:func:`buffer_service.codec.pack`), and, with prioritized
+  payload per chunk (:func:`td3drive.contracts.codec.pack`), and, with prioritized
   sampling, the live priorities as raw float64;
 * ``snapshot-<seq>.done``: JSON ``{"bytes": ..., "crc32": ...}`` of the data
   file, written last.
 
-Writing is atomic per file (:meth:`td3drive.storage.RunStorage.write_with`:
+Writing is atomic per file (:meth:`td3drive.contracts.storage.RunStorage.write_with`:
 temp file, fsync and rename on a local filesystem; one upload on an object
 store, the snapshot built in memory first), data file first, then the done
 marker; only then are older snapshots removed. A crash at any point leaves
@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from buffer_service.codec import CodecError, CompressedChunk, decode, pack
-from td3drive.storage import RunStorage
+from td3drive.contracts.codec import CodecError, CompressedChunk, decode, pack
+from td3drive.contracts.storage import RunStorage
 
 MAGIC = b"TD3RSNAP"
 FORMAT_VERSION = 1
@@ -75,7 +75,7 @@ def write_snapshot(directory: str | Path | RunStorage, state: SnapshotState) -> 
         The data file's location (an absolute path or a URI).
 
     Raises:
-        OSError: (a :class:`td3drive.storage.StorageError`) the directory is
+        OSError: (a :class:`td3drive.contracts.storage.StorageError`) the directory is
             not writable, the disk is full, the storage is unreachable; the
             previous snapshot is intact and no partial file is left behind.
     """
@@ -138,7 +138,7 @@ def read_latest(directory: str | Path | RunStorage) -> tuple[str, SnapshotState]
     Raises:
         SnapshotError: the newest complete-looking snapshot has a matching
             marker but does not parse (a bug or deliberate tampering).
-        td3drive.storage.StorageError: the storage cannot be reached or listed.
+        td3drive.contracts.storage.StorageError: the storage cannot be reached or listed.
     """
     storage = _storage(directory)
     if not storage.is_dir():

@@ -27,7 +27,7 @@ shard from stitching chunks together.
 
 The sum is taken in float64 and clipped to float32's finite range, so a
 stored return can never overflow to ``inf``. The codec already bounds each
-reward by :data:`buffer_service.codec.MAX_ABS_REWARD` (a return is then at
+reward by :data:`td3drive.contracts.codec.MAX_ABS_REWARD` (a return is then at
 most ``n · 1e6``); the clip guards chunks that did not come through it.
 """
 
@@ -39,14 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from buffer_service.codec import (
+from td3drive.contracts import spec
+from td3drive.contracts.codec import (
     CompressedChunk,
     decompress_blocks,
     decompress_frames,
     frame_blocks,
 )
-from td3drive import spec
-from td3drive.spec import Batch
+from td3drive.contracts.spec import Batch
 
 PER_CHUNK_OVERHEAD_BYTES = 1024
 """Python object overhead the byte accounting charges each chunk (the chunk

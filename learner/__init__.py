@@ -3,8 +3,8 @@
 Pure PyTorch; the Ray actor wrapper lives in its own thin module.
 """
 
-from learner.networks import Actor, ActorHead, Critic, NatureCNN, TwinQHead, build_policy
 from learner.td3 import CheckpointError, NonFiniteLossError, TD3Learner
+from td3drive.contracts.networks import Actor, ActorHead, Critic, NatureCNN, TwinQHead, build_policy
 
 __all__ = [
     "Actor",

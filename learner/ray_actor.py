@@ -27,9 +27,9 @@ import torch
 
 from buffer_service.ray_actor import ReplaySampler
 from learner.td3 import CheckpointError, TD3Learner
-from td3drive import metric_names as M
-from td3drive.config import TD3DriveConfig, config_from_dict
-from td3drive.storage import RunStorage, require_absolute
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
+from td3drive.contracts.storage import RunStorage, require_absolute
 
 GRAD_KEYS = {
     "actor_preclip_max": M.ACTOR_GRAD_NORM_PRECLIP,
@@ -92,7 +92,7 @@ class LearnerActor:
         learner.td3.CheckpointError: the checkpoint does not fit the config
             (architecture fields named), is unreadable, or is missing while
             ``require_checkpoint`` is set.
-        td3drive.storage.StorageError: ``checkpoint_path`` is relative, or its
+        td3drive.contracts.storage.StorageError: ``checkpoint_path`` is relative, or its
             storage cannot be reached.
     """
 
@@ -308,7 +308,7 @@ class LearnerActor:
             The checkpoint's location.
 
         Raises:
-            td3drive.storage.StorageError: a relative ``path``; the write failed
+            td3drive.contracts.storage.StorageError: a relative ``path``; the write failed
                 (any previous checkpoint is untouched).
         """
         return str(self.learner.save_checkpoint(require_absolute(path, "the learner checkpoint")))

@@ -65,7 +65,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from learner.augmentation import random_shift
-from learner.networks import (
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import LearnerConfig
+from td3drive.contracts.networks import (
     Actor,
     ActorHead,
     Critic,
@@ -74,10 +76,8 @@ from learner.networks import (
     policy_for,
     read_only_tensor,
 )
-from td3drive import metric_names as M
-from td3drive.config import LearnerConfig
-from td3drive.spec import Batch
-from td3drive.storage import RunStorage, StorageError, StorageNotFoundError, is_uri
+from td3drive.contracts.spec import Batch
+from td3drive.contracts.storage import RunStorage, StorageError, StorageNotFoundError, is_uri
 
 CHECKPOINT_FORMAT = "td3drive.learner/1"
 
@@ -86,7 +86,7 @@ _LOSS_AND_NORM_KEYS = {
     "actor": (M.ACTOR_LOSS, M.ACTOR_GRAD_NORM_PRECLIP),
 }
 
-# How a resume treats each field of LearnerConfig (td3drive/config.py), one
+# How a resume treats each field of LearnerConfig (td3drive/contracts/config.py), one
 # class per field; tests/test_learner_resume.py fails when a field is added to
 # LearnerConfig without being classified here.
 #
@@ -94,7 +94,7 @@ _LOSS_AND_NORM_KEYS = {
 # checkpoint only loads into a learner whose config agrees on every one of
 # them, and a resume that changes one is refused with a CheckpointError naming
 # it (a new architecture is a new run). The frame stack, frame size, vector
-# and action widths are contract constants (td3drive/spec.py), not config.
+# and action widths are contract constants (td3drive/contracts/spec.py), not config.
 ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "encoder",  # which CNNs exist and which optimizer owns them
     "cnn",  # conv stack (max-pools change the flattened width)
@@ -201,7 +201,7 @@ class LearnerMetrics(NamedTuple):
     """The metrics of the updates since the previous :meth:`TD3Learner.fetch_metrics`.
 
     Attributes:
-        latest: by the names in :mod:`td3drive.metric_names`: the latest value of
+        latest: by the names in :mod:`td3drive.contracts.metric_names`: the latest value of
             each update metric in the window (critic ones from the last update,
             actor ones from the last actor step), the encoder weight changes and
             learning rates measured at the fetch, ``learner/updates`` and
@@ -396,16 +396,16 @@ class TD3Learner:
         (after updates that nobody fetched, the metrics cover those too).
 
         Args:
-            batch: validated against :class:`td3drive.spec.Batch` first.
+            batch: validated against :class:`td3drive.contracts.spec.Batch` first.
 
         Returns:
-            Metrics by the names in :mod:`td3drive.metric_names`: critic loss,
+            Metrics by the names in :mod:`td3drive.contracts.metric_names`: critic loss,
             mean Q1/Q2 and TD target, critic grad norms before and after
             clipping, encoder weight change, learning rates, and on actor steps
             the actor loss, actor saturation and actor grad norms.
 
         Raises:
-            td3drive.spec.SpecError: the batch breaks the contract (field named);
+            td3drive.contracts.spec.SpecError: the batch breaks the contract (field named);
                 nothing was changed.
             NonFiniteLossError: a loss or gradient norm is NaN/inf; the step
                 of that network was not applied.
@@ -423,7 +423,7 @@ class TD3Learner:
         shifted there (``random_shift_pad``) and become floats in the encoder.
 
         Raises:
-            td3drive.spec.SpecError: as :meth:`update`.
+            td3drive.contracts.spec.SpecError: as :meth:`update`.
             NonFiniteLossError: without ``fused_adam``, as :meth:`update`; with
                 it, only from the transfer of :data:`MAX_PENDING_UPDATES`
                 pending updates (otherwise the next fetch raises it).
@@ -614,7 +614,7 @@ class TD3Learner:
             batch's row order.
 
         Raises:
-            td3drive.spec.SpecError: as :meth:`update`.
+            td3drive.contracts.spec.SpecError: as :meth:`update`.
             NonFiniteLossError: as :meth:`update`; a finite critic loss implies
                 finite TD errors, so NaN/inf never comes back from here.
         """
@@ -657,7 +657,7 @@ class TD3Learner:
             ``float32[B]``.
 
         Raises:
-            td3drive.spec.SpecError: the batch breaks the contract.
+            td3drive.contracts.spec.SpecError: the batch breaks the contract.
         """
         batch.validate()
         _, _, _, reward, discount, next_image, next_vector, _ = self._to_tensors(batch)
@@ -895,7 +895,7 @@ class TD3Learner:
 
         Returns:
             ``(version, state_dict)``: ``version`` is :attr:`updates`; the state
-            dict maps :class:`learner.networks.Actor` parameter names
+            dict maps :class:`td3drive.contracts.networks.Actor` parameter names
             (``encoder.*``, ``head.*``) to float32 numpy copies on the host,
             which Ray ships zero-copy. Load with
             ``actor.load_state_dict({k: torch.from_numpy(v) ...})``.
@@ -1067,7 +1067,7 @@ class TD3Learner:
             ``path`` as a ``Path`` for a local path, the URI for a URI.
 
         Raises:
-            OSError: (:class:`td3drive.storage.StorageError`) the directory is
+            OSError: (:class:`td3drive.contracts.storage.StorageError`) the directory is
                 not writable, the disk is full, the storage is unreachable; any
                 previous checkpoint at ``path`` is untouched.
         """
@@ -1133,10 +1133,10 @@ class PolicyCheckpoint(NamedTuple):
         config: the checkpoint's learner config; ``policy_for(config)`` is the
             network the weights load into.
         version: the checkpoint's update count, the policy version.
-        weights: :class:`learner.networks.Actor` parameter names (``encoder.*``,
+        weights: :class:`td3drive.contracts.networks.Actor` parameter names (``encoder.*``,
             ``head.*``) to float32 numpy arrays on the host, as
             :meth:`TD3Learner.policy_weights` publishes them; load with
-            :func:`learner.networks.load_policy_weights`.
+            :func:`td3drive.contracts.networks.load_policy_weights`.
     """
 
     config: LearnerConfig
@@ -1180,7 +1180,7 @@ def config_changes(saved: LearnerConfig, config: LearnerConfig) -> dict[str, tup
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path | str:
     """``torch.save`` to ``path`` atomically, through the run's storage
-    (:meth:`td3drive.storage.RunStorage.write_with`): on a local filesystem
+    (:meth:`td3drive.contracts.storage.RunStorage.write_with`): on a local filesystem
     streamed to a temp file that is fsynced and renamed; on an object store
     saved to memory (``io.BytesIO``) and uploaded in one piece.
 
@@ -1193,7 +1193,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path | str:
         ``path`` as a ``Path`` for a local path, the URI for a URI.
 
     Raises:
-        OSError: (:class:`td3drive.storage.StorageError`) on any write failure;
+        OSError: (:class:`td3drive.contracts.storage.StorageError`) on any write failure;
             an existing file at ``path`` is left as it was.
     """
     storage, name = RunStorage.for_file(path)

@@ -2,7 +2,7 @@
 
 :class:`PixelEnvAdapter` wraps a gymnasium environment whose observation is an
 RGB (or grayscale) ``uint8`` image and exposes the contract of
-:mod:`td3drive.spec`:
+:mod:`td3drive.contracts.spec`:
 
 * observation ``{"image": uint8[4,84,84], "vector": float32[23]}``: the image
   is converted to grayscale (gymnasium's ``GrayscaleObservation``, ITU-R 709
@@ -12,7 +12,7 @@ RGB (or grayscale) ``uint8`` image and exposes the contract of
   ``FrameStackObservation``; a reset fills the stack with its first frame,
   as td3drive's own simulators do). The vector comes from a user function
   ``vector_fn(env, obs, info) -> float32[23]`` (laid out as
-  :data:`td3drive.spec.VECTOR_LAYOUT`) or is all zeros;
+  :data:`td3drive.contracts.spec.VECTOR_LAYOUT`) or is all zeros;
 * action ``float32[2]`` in ``[-1, 1]``: ``[steer, throttle_brake]``, mapped to
   the environment's own action by a user function ``action_fn(action)``
   (:func:`car_racing_action` for ``CarRacing-v3``), or linearly onto the
@@ -48,7 +48,7 @@ from gymnasium.wrappers import (
 )
 from PIL import Image
 
-from td3drive import spec
+from td3drive.contracts import spec
 
 VectorFn = Callable[[gym.Env, Any, dict[str, Any]], Any]
 """``vector_fn(env, obs, info) -> float32[23]``: ``env`` is the wrapped
@@ -65,7 +65,7 @@ def car_racing_action(action: np.ndarray) -> np.ndarray:
 
     ``steer`` passes through (``+1`` is right in both, ``-1`` left);
     ``throttle_brake > 0`` is gas, ``< 0`` is brake (its magnitude), as in
-    the contract (:mod:`td3drive.spec`).
+    the contract (:mod:`td3drive.contracts.spec`).
 
     Args:
         action: ``float32[2]`` ``[steer, throttle_brake]``; clipped to ``[-1, 1]``.
@@ -105,8 +105,8 @@ class PixelEnvAdapter(gym.Wrapper[dict[str, np.ndarray], np.ndarray, Any, Any]):
             mapped linearly per dimension.
 
     Observation: ``{"image": uint8[4,84,84], "vector": float32[23]}``
-    (:func:`td3drive.spec.observation_space`); action ``float32[2]`` in
-    ``[-1, 1]`` (:func:`td3drive.spec.action_space`).
+    (:func:`td3drive.contracts.spec.observation_space`); action ``float32[2]`` in
+    ``[-1, 1]`` (:func:`td3drive.contracts.spec.action_space`).
 
     Raises:
         ValueError: an observation space that is not such an image, no
@@ -202,7 +202,7 @@ class PixelEnvAdapter(gym.Wrapper[dict[str, np.ndarray], np.ndarray, Any, Any]):
         if vector.shape != spec.VECTOR_SHAPE:
             raise ValueError(
                 f"vector_fn returned shape {vector.shape}, expected {spec.VECTOR_SHAPE} "
-                f"(td3drive.spec.VECTOR_LAYOUT)"
+                f"(td3drive.contracts.spec.VECTOR_LAYOUT)"
             )
         if not np.isfinite(vector).all():
             raise ValueError("vector_fn returned NaN or inf")

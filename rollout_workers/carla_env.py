@@ -49,8 +49,8 @@ import gymnasium as gym
 import numpy as np
 
 from rollout_workers import driving_task
-from td3drive import spec
-from td3drive.config import CarlaConfig, DrivingTaskConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import CarlaConfig, DrivingTaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -541,7 +541,7 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     """Drive a route in CARLA from a front camera (``td3drive/Carla-v0``).
 
     Observation: ``{"image": uint8[4, 84, 84], "vector": float32[23]}``
-    (:func:`td3drive.spec.observation_space`): the last 4 grayscale 84×84
+    (:func:`td3drive.contracts.spec.observation_space`): the last 4 grayscale 84×84
     frames of the front RGB camera (BGRA → BT.601 luma, box-resized), and the
     driving task's vector (speed, lateral deviation, heading error, 10
     look-ahead route points in the ego frame, scaled by

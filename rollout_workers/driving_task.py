@@ -11,7 +11,7 @@ module owns everything else, as pure functions:
 * :class:`EpisodeTracker`: the episode metrics;
 * observation builders: :func:`to_grayscale` (RGB/BGRA → uint8 84×84),
   :class:`FrameStack` (4 frames, oldest first), :func:`build_vector` (the 23
-  values of :data:`td3drive.spec.VECTOR_LAYOUT`, scaled as documented there,
+  values of :data:`td3drive.contracts.spec.VECTOR_LAYOUT`, scaled as documented there,
   or only the speed: ``task.observation_vector``).
 
 Conventions (every adapter converts to them): the ego frame has ``x``
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from td3drive import spec
-from td3drive.config import DrivingTaskConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import DrivingTaskConfig
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights for R, G, B."""

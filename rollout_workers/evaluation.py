@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 import rollout_workers  # noqa: F401  (registers the td3drive environments)
-from learner.networks import Actor
 from rollout_workers.video import DEFAULT_FPS, EvaluationVideo
+from td3drive.contracts.networks import Actor
 
 EVAL_SEED_OFFSET = 10_000_000
 """Evaluation episodes use seeds far from the training workers'."""

@@ -39,8 +39,8 @@ from rollout_workers.driving_task import (
     to_ego_frame,
     wrap_angle,
 )
-from td3drive import spec
-from td3drive.config import DrivingTaskConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import DrivingTaskConfig
 
 
 def _quiet_sdl() -> None:
@@ -73,7 +73,7 @@ class RacetrackEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     the shared driving task.
 
     Observation: ``{"image": uint8[4,84,84], "vector": float32[23]}``
-    (:func:`td3drive.spec.observation_space`); action ``float32[2]``
+    (:func:`td3drive.contracts.spec.observation_space`); action ``float32[2]``
     ``[steer (+ right), throttle_brake (+ throttle)]`` in ``[−1, 1]``. One step
     is 0.2 s (5 Hz policy, 15 Hz physics).
 

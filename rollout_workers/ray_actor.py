@@ -43,12 +43,12 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from buffer_service.ray_actor import ReplayWriter
-from learner.networks import load_policy_weights, policy_for
 from rollout_workers.evaluation import evaluate_policy, summarize
 from rollout_workers.video import EvaluationVideo, video_format, write_video
 from rollout_workers.worker import INCARNATION_BITS, RolloutWorker, env_kwargs_for
-from td3drive.config import TD3DriveConfig, config_from_dict
-from td3drive.weights import Published, WeightsBoard
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
+from td3drive.contracts.networks import load_policy_weights, policy_for
+from td3drive.contracts.weights import Published, WeightsBoard
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def as_run_config(config: TD3DriveConfig | Mapping[str, Any]) -> TD3DriveConfig:
     """``config`` itself, or a config dict (``model_dump(mode="json")``) validated.
 
     Raises:
-        td3drive.config.ConfigError: the dict does not validate.
+        td3drive.contracts.config.ConfigError: the dict does not validate.
     """
     if isinstance(config, TD3DriveConfig):
         return config
@@ -193,7 +193,7 @@ class RolloutWorkerActor:
 
     Raises:
         ValueError: a shard or board name that names no live actor.
-        td3drive.config.ConfigError: a config dict that does not validate.
+        td3drive.contracts.config.ConfigError: a config dict that does not validate.
     """
 
     def __init__(

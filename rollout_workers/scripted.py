@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from td3drive import spec
-from td3drive.config import DrivingTaskConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import DrivingTaskConfig
 
 
 def lane_follower(

@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from td3drive import spec
-from td3drive.atomic_file import atomic_write
+from td3drive.contracts import spec
+from td3drive.contracts.atomic_file import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def compose_frame(
         observed: the policy's newest frame, ``uint8[84, 84]`` (the last of
             the ``image`` stack), shown 4× enlarged.
         action: ``[steer, throttle_brake]`` in ``[-1, 1]`` that led to this
-            frame (:mod:`td3drive.spec`), or ``None`` (the first frame).
+            frame (:mod:`td3drive.contracts.spec`), or ``None`` (the first frame).
         speed_mps: the car's speed, m/s (shown in km/h), or ``None`` (unknown).
         text: the strip's second line (episode, step, return, end reason).
         caption: added to the left panel's label (e.g. the policy version).

@@ -58,18 +58,18 @@ import numpy as np
 import torch
 
 import rollout_workers  # noqa: F401  (registers the td3drive environments)
-from buffer_service.codec import Chunk, encode
-from learner.networks import load_policy_weights, policy_for
 from rollout_workers.scripted import lane_follower
-from td3drive import spec
-from td3drive.config import (
+from td3drive.contracts import spec
+from td3drive.contracts.codec import Chunk, encode
+from td3drive.contracts.config import (
     DrivingTaskConfig,
     LearnerConfig,
     RolloutConfig,
     TD3DriveConfig,
     carla_for_worker,
 )
-from td3drive.spec import Transition
+from td3drive.contracts.networks import load_policy_weights, policy_for
+from td3drive.contracts.spec import Transition
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ WeightsSource = Callable[[int, int], "tuple[int, int, Mapping[str, np.ndarray]] 
 """Called with the ``(generation, version)`` a worker holds (``(0, -1)`` before
 any weights); returns newer ``(generation, version, weights)`` or ``None``.
 Newer means a larger ``(generation, version)`` tuple
-(:class:`td3drive.weights.WeightsBoard`)."""
+(:class:`td3drive.contracts.weights.WeightsBoard`)."""
 
 
 TASK_SECTION_ENVS: dict[str, tuple[str, ...]] = {
@@ -156,7 +156,7 @@ def episode_id(worker_index: int, incarnation: int, count: int) -> int:
 
 def worker_env_kwargs(env_kwargs: Mapping[str, Any], worker_index: int) -> dict[str, Any]:
     """Environment kwargs of one worker: a ``carla`` section gets the worker's
-    own server ports (:func:`td3drive.config.carla_for_worker`); everything
+    own server ports (:func:`td3drive.contracts.config.carla_for_worker`); everything
     else is shared."""
     kwargs = dict(env_kwargs)
     if isinstance(kwargs.get("carla"), Mapping):
@@ -193,7 +193,7 @@ def split_env_id(env_id: str) -> tuple[str | None, str]:
 
 
 def check_spaces(env: gym.Env, env_id: str) -> None:
-    """Check an environment's spaces against the contract (:mod:`td3drive.spec`).
+    """Check an environment's spaces against the contract (:mod:`td3drive.contracts.spec`).
 
     Raises:
         EnvironmentSpecError: the observation or action space differs; the

@@ -1,7 +1,7 @@
 """td3drive: distributed TD3 from pixels on Ray.
 
-This package holds the shared contracts (:mod:`td3drive.spec`,
-:mod:`td3drive.config`, :mod:`td3drive.metric_names`), the CLI and the
+This package holds the shared contracts (:mod:`td3drive.contracts.spec`,
+:mod:`td3drive.contracts.config`, :mod:`td3drive.contracts.metric_names`), the CLI and the
 driver. Services import the contracts only, never the reverse.
 
 Importing it registers td3drive's environments with gymnasium, so

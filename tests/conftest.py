@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from td3drive.spec import Batch
+from td3drive.contracts.spec import Batch
 
 # Two cores on the development and CI machines; keep torch from oversubscribing.
 torch.set_num_threads(2)

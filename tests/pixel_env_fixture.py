@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 
 from rollout_workers.adapters import PixelEnvAdapter
-from td3drive import spec
+from td3drive.contracts import spec
 
 RAW_ID = "td3drive_tests/PixelFixtureRaw-v0"
 ADAPTED_ID = "td3drive_tests/PixelFixture-v0"

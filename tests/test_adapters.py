@@ -28,8 +28,8 @@ from rollout_workers.worker import (
     split_env_id,
 )
 from td3drive import CAR_RACING_PIXELS_ID, spec
-from td3drive.config import ConfigError, LearnerConfig, RolloutConfig, config_from_dict
-from td3drive.driver import TrainingRun
+from td3drive.app.driver import TrainingRun
+from td3drive.contracts.config import ConfigError, LearnerConfig, RolloutConfig, config_from_dict
 from tests import pixel_env_fixture
 from tests.pixel_env_fixture import SquareEnv
 from tests.test_train import tiny_config

@@ -44,8 +44,8 @@ from rollout_workers.carla_env import (
     carla_to_ego,
     to_vehicle_control,
 )
-from td3drive import spec
-from td3drive.config import CarlaConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import CarlaConfig
 
 
 def closed_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "td3drive.cli", *args],
+        [sys.executable, "-m", "td3drive", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,4 +1,4 @@
-"""The chunk wire format (buffer_service/codec.py): round trips, rejections, fuzzing.
+"""The chunk wire format (td3drive/contracts/codec.py): round trips, rejections, fuzzing.
 
 Chunks are built the way a rollout worker builds them: from the transitions of
 a small fake frame-stacking environment (reset repeats the first frame four
@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buffer_service import codec
-from buffer_service.codec import (
+from td3drive.contracts import codec, spec
+from td3drive.contracts.codec import (
     FORMAT_VERSION,
     MAGIC,
     MAX_ABS_REWARD,
@@ -41,8 +41,7 @@ from buffer_service.codec import (
     payload_steps,
     validate_chunk,
 )
-from td3drive import spec
-from td3drive.spec import Transition
+from td3drive.contracts.spec import Transition
 
 FRAME = spec.FRAME_SIZE
 STACK = spec.FRAME_STACK

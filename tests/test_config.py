@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from learner.td3 import TD3Learner
-from td3drive import metric_names as M
-from td3drive.config import ConfigError, LearnerConfig, RunConfig, load_config
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import ConfigError, LearnerConfig, RunConfig, load_config
 from tests.conftest import random_batch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ import ray
 
 import rollout_workers
 from rollout_workers.worker import env_kwargs_for
-from td3drive import metric_names as M
-from td3drive.config import ConfigError, config_from_dict
-from td3drive.driver import TrainingRun
+from td3drive.app.driver import TrainingRun
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import ConfigError, config_from_dict
 from tests.test_train import tiny_config
 
 MAX_EPISODE_STEPS = 6

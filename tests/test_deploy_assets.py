@@ -2,7 +2,7 @@
 use only metric names the exporter exports, Prometheus accepts its files
 (promtool), the alert rules fire on the failures they describe and stay quiet on
 a healthy run (and on a run that finished). Also the endpoint itself
-(td3drive/prometheus.py): bound first with a one-line error for a taken port,
+(td3drive/app/prometheus.py): bound first with a one-line error for a taken port,
 run_id on every series, the run status, and a close that lingers until a real
 Prometheus has scraped the end. The KubeRay manifests and the Dockerfile are
 checked in tests/test_kuberay_manifests.py."""
@@ -29,8 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from rollout_workers.worker import env_kwargs_for
-from td3drive.config import CarlaConfig, ConfigError, RunConfig, load_config
-from td3drive.prometheus import (
+from td3drive.app.prometheus import (
     COUNTERS,
     GAUGES,
     LABELS,
@@ -40,6 +39,7 @@ from td3drive.prometheus import (
     MetricsPortError,
     RunMetrics,
 )
+from td3drive.contracts.config import CarlaConfig, ConfigError, RunConfig, load_config
 from tests.test_train import _prometheus_binary, _start_prometheus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -578,7 +578,7 @@ def test_a_completed_rerun_after_a_crash_does_not_page(tmp_path: Path) -> None:
     _run_promtool_tests(tmp_path, [_test_group(series, checks)])
 
 
-# --- the endpoint (td3drive/prometheus.py) ---------------------------------------
+# --- the endpoint (td3drive/app/prometheus.py) ---------------------------------------
 
 
 def _free_port() -> int:

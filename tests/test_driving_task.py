@@ -19,7 +19,7 @@ from rollout_workers.driving_task import (
     to_grayscale,
     wrap_angle,
 )
-from td3drive.config import DrivingTaskConfig
+from td3drive.contracts.config import DrivingTaskConfig
 
 TASK = DrivingTaskConfig()
 STILL = np.zeros(2, np.float32)

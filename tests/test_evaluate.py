@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from learner.td3 import TD3Learner
-from td3drive.cli import main
-from td3drive.config import LearnerConfig, TD3DriveConfig
+from td3drive.app.cli import main
+from td3drive.contracts.config import LearnerConfig, TD3DriveConfig
 from tests.test_learner_resume import write_as_if_saved_on_cuda
 
 TINY_LEARNER = LearnerConfig(device="cpu", features_dim=32, actor_hidden=(32,), critic_hidden=(32,))
@@ -180,7 +180,7 @@ def test_a_checkpoint_saved_on_a_gpu_evaluates_on_a_cpu(
 
 
 def test_episodes_default_to_ten() -> None:
-    from td3drive.cli import build_parser
+    from td3drive.app.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "--run-dir", "somewhere"])
     assert args.episodes == 10

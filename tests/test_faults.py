@@ -23,8 +23,8 @@ import ray
 import yaml
 from ray.util.state import list_actors
 
-from td3drive.config import config_from_dict
-from td3drive.driver import LEARNER_CHECKPOINT, STATE_FILE, TrainingError, TrainingRun
+from td3drive.app.driver import LEARNER_CHECKPOINT, STATE_FILE, TrainingError, TrainingRun
+from td3drive.contracts.config import config_from_dict
 from tests.test_train import free_port, tiny_config
 
 HANG_S = 600.0
@@ -205,7 +205,7 @@ def test_a_sigkilled_shard_is_counted_and_its_losses_reported(
 # ------------------------------------------------------------ stops and resume
 def _train(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "td3drive.cli", "train", *args],
+        [sys.executable, "-m", "td3drive", "train", *args],
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),  # a pipe nobody reads could fill up
         env={**os.environ, "RAY_ADDRESS": ""},

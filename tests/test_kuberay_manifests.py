@@ -32,9 +32,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from td3drive.cli import build_parser
-from td3drive.config import TD3DriveConfig, load_config
-from td3drive.driver import STOP_GRACE_S
+from td3drive.app.cli import build_parser
+from td3drive.app.driver import STOP_GRACE_S
+from td3drive.contracts.config import TD3DriveConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

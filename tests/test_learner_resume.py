@@ -27,7 +27,6 @@ import pytest
 import ray
 import torch
 
-from learner.networks import load_policy_weights, policy_for
 from learner.ray_actor import policy_lag_updates, remote_learner_actor_class
 from learner.td3 import (
     ARCHITECTURE_FIELDS,
@@ -39,8 +38,9 @@ from learner.td3 import (
     validate_checkpoint,
 )
 from rollout_workers.ray_actor import remote_weights_board_class
-from td3drive import metric_names as M
-from td3drive.config import LearnerConfig, TD3DriveConfig
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import LearnerConfig, TD3DriveConfig
+from td3drive.contracts.networks import load_policy_weights, policy_for
 from tests.conftest import random_batch
 
 SMALL: dict[str, Any] = {

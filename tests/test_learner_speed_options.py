@@ -25,7 +25,10 @@ import ray
 import torch
 
 import learner.td3 as td3
-from learner.benchmark import (
+from learner.ray_actor import LearnerActor
+from learner.td3 import GRAD_NORM_METRICS, NonFiniteLossError, TD3Learner
+from rollout_workers.ray_actor import remote_weights_board_class
+from td3drive.bench.learner import (
     COMPILE_WARMUP,
     DEFAULT_OPTIONS,
     OPTIONS,
@@ -34,13 +37,16 @@ from learner.benchmark import (
     learner_torch_threads,
     run_learner_benchmark,
 )
-from learner.networks import load_policy_weights, policy_for
-from learner.ray_actor import LearnerActor
-from learner.td3 import GRAD_NORM_METRICS, NonFiniteLossError, TD3Learner
-from rollout_workers.ray_actor import remote_weights_board_class
-from td3drive import metric_names as M
-from td3drive.config import ConfigError, LearnerConfig, RunConfig, TD3DriveConfig, load_config
-from td3drive.spec import Batch
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import (
+    ConfigError,
+    LearnerConfig,
+    RunConfig,
+    TD3DriveConfig,
+    load_config,
+)
+from td3drive.contracts.networks import load_policy_weights, policy_for
+from td3drive.contracts.spec import Batch
 from tests.conftest import random_batch
 
 SMALL: dict[str, Any] = {

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from td3drive import learning_bench as lb
-from td3drive.cli import build_parser, main
-from td3drive.config import TD3DriveConfig, config_from_dict
+from td3drive.app.cli import build_parser, main
+from td3drive.bench import learning as lb
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
 
 ENV_STEPS, EVAL_EVERY, EPISODES = 300, 100, 2
 

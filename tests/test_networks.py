@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from learner.augmentation import random_shift
-from learner.networks import NatureCNN, build_policy, normalize_image
 from learner.td3 import TD3Learner, resolve_device
-from td3drive.config import LearnerConfig
+from td3drive.contracts.config import LearnerConfig
+from td3drive.contracts.networks import NatureCNN, build_policy, normalize_image
 
 
 def count(module: torch.nn.Module) -> int:

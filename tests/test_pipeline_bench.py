@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from buffer_service.benchmark import run_replay_benchmark
+from td3drive.bench.replay import run_replay_benchmark
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "td3drive.cli", *args],
+        [sys.executable, "-m", "td3drive", *args],
         capture_output=True,
         text=True,
         timeout=600,

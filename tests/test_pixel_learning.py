@@ -42,7 +42,7 @@ threshold. That is a statement about this budget: a frozen random CNN keeps
 some positional information and might get further with many more updates.
 
 Why these hyperparameters (all set explicitly, so the provisional defaults in
-:class:`~td3drive.config.LearnerConfig` can move without silently changing
+:class:`~td3drive.contracts.config.LearnerConfig` can move without silently changing
 this test): a critic lr of 1e-3 with 256-wide heads fits the reward within
 about 100 updates; an actor lr of 1e-4 with ``policy_delay = 2`` keeps the
 actor from following the untrained critic's gradient into tanh saturation
@@ -63,9 +63,9 @@ import pytest
 import torch
 
 from learner.td3 import TD3Learner
-from td3drive import spec
-from td3drive.config import EncoderMode, LearnerConfig
-from td3drive.spec import Batch
+from td3drive.contracts import spec
+from td3drive.contracts.config import EncoderMode, LearnerConfig
+from td3drive.contracts.spec import Batch
 
 SEED = 0
 """Seeds the learner (init, target noise) and the training and held-out data."""

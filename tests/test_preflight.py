@@ -1,4 +1,4 @@
-"""``td3drive train`` checks its input before Ray starts (td3drive/preflight.py):
+"""``td3drive train`` checks its input before Ray starts (td3drive/app/preflight.py):
 a run directory that is a file or cannot be written, a directory that already
 holds a run (the old behaviour silently mixed the two runs), a checkpoint to
 resume that is empty, truncated or garbage, a taken metrics port. Each ends in
@@ -19,9 +19,9 @@ import pytest
 import ray
 import yaml
 
-from td3drive import cli
-from td3drive.config import config_from_dict
-from td3drive.preflight import PreflightError, check_resume_checkpoint, check_run_dir
+from td3drive.app import cli
+from td3drive.app.preflight import PreflightError, check_resume_checkpoint, check_run_dir
+from td3drive.contracts.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -349,7 +349,7 @@ def test_the_console_gets_one_line_and_exit_2(tmp_path: Path) -> None:
     target.write_text("a file")
     result = subprocess.run(
         [
-            *[sys.executable, "-m", "td3drive.cli", "train"],
+            *[sys.executable, "-m", "td3drive", "train"],
             "--config",
             str(config),
             "--run-dir",

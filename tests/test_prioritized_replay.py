@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import ray
 
-from buffer_service.codec import Chunk, compress, encode
 from buffer_service.ray_actor import ReplaySampler, ShardedSample, concatenate, remote_shard_class
 from buffer_service.storage import ReplayStorage, SampledBatch
-from buffer_service.synthetic import SyntheticEpisode
 from learner.ray_actor import remote_learner_actor_class
 from rollout_workers.ray_actor import remote_weights_board_class
-from td3drive import metric_names as M
-from td3drive.config import LearnerConfig, ReplayConfig, RunConfig, TD3DriveConfig
+from td3drive.bench.synthetic import SyntheticEpisode
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.codec import Chunk, compress, encode
+from td3drive.contracts.config import LearnerConfig, ReplayConfig, RunConfig, TD3DriveConfig
 from tests.conftest import random_batch
 
 CHUNK = 16

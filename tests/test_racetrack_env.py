@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 
 import rollout_workers
 from rollout_workers import scripted
-from td3drive import spec
+from td3drive.contracts import spec
 
 ENV_ID = rollout_workers.RACETRACK_ID
 

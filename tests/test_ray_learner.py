@@ -9,10 +9,10 @@ import pytest
 import ray
 import torch
 
-from learner.networks import load_policy_weights, policy_for
 from learner.ray_actor import remote_learner_class
-from td3drive import metric_names as M
-from td3drive.config import LearnerConfig
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import LearnerConfig
+from td3drive.contracts.networks import load_policy_weights, policy_for
 from tests.conftest import random_batch
 
 

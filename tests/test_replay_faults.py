@@ -18,17 +18,17 @@ import pytest
 import ray
 from ray.exceptions import RayTaskError
 
-from buffer_service.codec import encode
 from buffer_service.ray_actor import (
     ReplaySampler,
     ReplayTimeoutError,
     ReplayWriter,
     remote_shard_class,
 )
-from buffer_service.synthetic import SyntheticEpisode, chunked
 from learner.ray_actor import remote_learner_actor_class
 from rollout_workers.ray_actor import remote_weights_board_class
-from td3drive.config import LearnerConfig, ReplayConfig, RunConfig, TD3DriveConfig
+from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.contracts.codec import encode
+from td3drive.contracts.config import LearnerConfig, ReplayConfig, RunConfig, TD3DriveConfig
 
 CHUNK = 16
 BATCH = 16

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import ray
 
-from buffer_service.codec import encode
 from buffer_service.ray_actor import (
     ReplaySampler,
     ReplayWriter,
@@ -24,8 +23,9 @@ from buffer_service.ray_actor import (
     sample_threads,
     split_proportionally,
 )
-from buffer_service.synthetic import SyntheticEpisode, chunked
-from td3drive.config import ReplayConfig
+from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.contracts.codec import encode
+from td3drive.contracts.config import ReplayConfig
 
 CHUNK = 16
 BATCH = 32

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import buffer_service.snapshot as snapshot_module
-from buffer_service.codec import Chunk, CodecError, CompressedChunk, compress, encode, pack
 from buffer_service.rate_limiter import RateLimiter, RateLimiterTimeout
 from buffer_service.shard import ReplayShard
 from buffer_service.snapshot import read_latest
 from buffer_service.storage import SampledBatch
-from buffer_service.synthetic import SyntheticEpisode, chunked
-from td3drive.config import ReplayConfig
+from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.contracts.codec import Chunk, CodecError, CompressedChunk, compress, encode, pack
+from td3drive.contracts.config import ReplayConfig
 
 CHUNK = 16
 

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import buffer_service.codec as codec_module
 import buffer_service.storage as storage_module
-from buffer_service.codec import MAX_ABS_REWARD, Chunk, compress
+import td3drive.contracts.codec as codec_module
 from buffer_service.storage import CapacityError, ReplayStorage, SampledBatch, nstep_targets
-from buffer_service.synthetic import SyntheticEpisode, chunked
-from td3drive.spec import Transition
+from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.contracts.codec import MAX_ABS_REWARD, Chunk, compress
+from td3drive.contracts.spec import Transition
 
 GAMMA = 0.9
 

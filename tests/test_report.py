@@ -18,9 +18,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image
 
-from td3drive import metric_names as M
-from td3drive.config import DrivingTaskConfig
-from td3drive.report import (
+from td3drive.app.report import (
     ReportError,
     find_videos,
     learner_figure,
@@ -29,6 +27,8 @@ from td3drive.report import (
     rollout_figure,
     system_figure,
 )
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import DrivingTaskConfig
 
 
 def _line(i: int) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def _write_run(run_dir: Path, lines: int = 12) -> Path:
 def test_report_writes_readable_pngs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = _write_run(tmp_path / "run")
     out = io.StringIO()
-    with caplog.at_level(logging.WARNING, logger="td3drive.report"):
+    with caplog.at_level(logging.WARNING, logger="td3drive.app.report"):
         paths = make_report(run_dir, stream=out)
 
     assert [p.name for p in paths] == ["rollout.png", "learner.png", "system.png", "index.html"]
@@ -206,8 +206,8 @@ def test_no_usable_line_is_a_clear_error(tmp_path: Path, text: str) -> None:
 def _episode_chunk(speeds: list[float], rewards: list[float], terminated: bool, episode: int):
     """A compressed chunk whose step t has speed ``speeds[t]`` (m/s) in its vector;
     ``speeds`` has one more entry than ``rewards`` (the last next_obs)."""
-    from buffer_service.codec import Chunk, compress
-    from td3drive.spec import Transition
+    from td3drive.contracts.codec import Chunk, compress
+    from td3drive.contracts.spec import Transition
 
     task = DrivingTaskConfig()
     image = np.zeros((4, 84, 84), np.uint8)
@@ -236,7 +236,7 @@ def _episode_chunk(speeds: list[float], rewards: list[float], terminated: bool, 
 
 
 def test_replay_census_classifies_crashes_stops_and_driving() -> None:
-    from td3drive.replay_census import census
+    from td3drive.app.replay_census import census
 
     task = DrivingTaskConfig()
     chunks = [
@@ -355,7 +355,7 @@ def test_html_report_without_clips_and_with_a_broken_one(
     broken = run_dir / "videos" / "eval-000000500.mp4"
     broken.parent.mkdir()
     broken.write_bytes(b"not an mp4")
-    with caplog.at_level(logging.WARNING, logger="td3drive.report"):
+    with caplog.at_level(logging.WARNING, logger="td3drive.app.report"):
         paths = make_report(run_dir, stream=io.StringIO())
     assert "no key frames" in caplog.text
     assert not [p for p in paths if p.parent.name == "frames"]

@@ -13,7 +13,7 @@ import rollout_workers
 from buffer_service.ray_actor import remote_shard_class
 from learner.td3 import TD3Learner
 from rollout_workers.ray_actor import remote_weights_board_class, remote_worker_class
-from td3drive.config import TD3DriveConfig, config_from_dict
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
 
 CHUNK = 16
 

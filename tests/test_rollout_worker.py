@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import rollout_workers
-from buffer_service.codec import Chunk, decode
 from learner.td3 import TD3Learner
 from rollout_workers.worker import (
     EnvironmentFailure,
@@ -18,7 +17,8 @@ from rollout_workers.worker import (
     RolloutWorker,
     WeightsSource,
 )
-from td3drive.config import LearnerConfig, RolloutConfig
+from td3drive.contracts.codec import Chunk, decode
+from td3drive.contracts.config import LearnerConfig, RolloutConfig
 
 LEARNER = LearnerConfig(
     device="cpu", features_dim=64, actor_hidden=(32,), critic_hidden=(32,), random_shift_pad=0

@@ -6,8 +6,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from td3drive import spec
-from td3drive.spec import Batch, SpecError, Transition
+from td3drive.contracts import spec
+from td3drive.contracts.spec import Batch, SpecError, Transition
 from tests.conftest import random_batch
 
 

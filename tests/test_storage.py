@@ -1,6 +1,6 @@
 """Run storage (issue 12, "Run output lands in Ray's disposable cache").
 
-* :class:`td3drive.storage.RunStorage` on local paths and ``file://`` URIs:
+* :class:`td3drive.contracts.storage.RunStorage` on local paths and ``file://`` URIs:
   atomic writes, appends, listing, deletion, one-line typed errors; the
   non-local code path (temp object + move, appends held in memory) on
   pyarrow's in-memory filesystem.
@@ -33,17 +33,17 @@ import yaml
 import learner.td3 as td3
 from buffer_service.snapshot import SnapshotState, read_latest, write_snapshot
 from learner.td3 import CheckpointError, TD3Learner, load_checkpoint, validate_checkpoint
-from td3drive import cli
-from td3drive.config import config_from_dict
-from td3drive.driver import (
+from td3drive.app import cli
+from td3drive.app.driver import (
     LEARNER_CHECKPOINT,
     TrainingRun,
     closing_lines,
     load_run_config,
     resolve_run_dir,
 )
-from td3drive.preflight import PreflightError, check_resume_checkpoint, check_run_dir
-from td3drive.storage import (
+from td3drive.app.preflight import PreflightError, check_resume_checkpoint, check_run_dir
+from td3drive.contracts.config import config_from_dict
+from td3drive.contracts.storage import (
     RunStorage,
     StorageError,
     StorageNotFoundError,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner.networks import load_policy_weights, policy_for
 from learner.td3 import CheckpointError, NonFiniteLossError, TD3Learner
-from td3drive import metric_names as M
-from td3drive.config import LearnerConfig
-from td3drive.spec import Batch, SpecError, Transition
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import LearnerConfig
+from td3drive.contracts.networks import load_policy_weights, policy_for
+from td3drive.contracts.spec import Batch, SpecError, Transition
 from tests.conftest import random_batch
 
 SMALL = {"features_dim": 64, "actor_hidden": (32,), "critic_hidden": (32,)}

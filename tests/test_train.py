@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from learner.td3 import TD3Learner, load_checkpoint
-from td3drive.config import TD3DriveConfig, config_from_dict
-from td3drive.driver import LEARNER_CHECKPOINT, TrainingError, TrainingRun
+from td3drive.app.driver import LEARNER_CHECKPOINT, TrainingError, TrainingRun
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_train_cli_writes_the_run_directory(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "train",
             "--config",
             str(config_path),
@@ -155,7 +155,7 @@ def test_train_cli_writes_the_run_directory(tmp_path: Path) -> None:
         assert names == {".td3r", ".done"}
 
     report = subprocess.run(
-        [sys.executable, "-m", "td3drive.cli", "report", str(run_dir)],
+        [sys.executable, "-m", "td3drive", "report", str(run_dir)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -168,7 +168,7 @@ def test_train_cli_writes_the_run_directory(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "evaluate",
             "--checkpoint",
             str(run_dir / LEARNER_CHECKPOINT),
@@ -191,7 +191,7 @@ def test_impossible_config_fails_before_any_actor_starts(tmp_path: Path) -> None
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "train",
             "--config",
             str(config_path),
@@ -269,7 +269,7 @@ def _train_process(tmp_path: Path, config: dict[str, Any]) -> subprocess.Popen[b
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "train",
             "--config",
             str(config_path),
@@ -499,7 +499,7 @@ def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "bench",
             "learning",
             "--config",
@@ -544,7 +544,7 @@ def test_bench_learning_and_sweep_on_a_tiny_budget(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "td3drive.cli",
+            "td3drive",
             "sweep",
             "--config",
             str(config_path),

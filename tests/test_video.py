@@ -13,7 +13,6 @@ import pytest
 import ray
 
 import rollout_workers
-from learner.networks import Actor, policy_for
 from learner.td3 import TD3Learner
 from rollout_workers.evaluation import evaluate_policy
 from rollout_workers.racetrack_env import RacetrackEnv
@@ -29,7 +28,8 @@ from rollout_workers.video import (
     video_format,
     write_video,
 )
-from td3drive.config import LearnerConfig, config_from_dict
+from td3drive.contracts.config import LearnerConfig, config_from_dict
+from td3drive.contracts.networks import Actor, policy_for
 
 TINY_LEARNER = LearnerConfig(device="cpu", features_dim=32, actor_hidden=(32,), critic_hidden=(32,))
 STEPS = 6
@@ -223,7 +223,7 @@ def test_a_training_run_stores_its_evaluation_clips(ray_instance: None, tmp_path
     the driver stores it with the run; ``eval.jsonl`` names it."""
     import json
 
-    from td3drive.driver import TrainingRun
+    from td3drive.app.driver import TrainingRun
     from tests.test_train import tiny_config
 
     config = config_from_dict(

@@ -26,7 +26,6 @@ import pytest
 import ray
 import torch
 
-from buffer_service.codec import Chunk, decode
 from buffer_service.ray_actor import remote_shard_class
 from buffer_service.snapshot import read_latest
 from learner.td3 import TD3Learner
@@ -43,9 +42,10 @@ from rollout_workers.worker import (
     check_environment,
     episode_id,
 )
-from td3drive import spec
-from td3drive.config import LearnerConfig, RolloutConfig, TD3DriveConfig, config_from_dict
-from td3drive.weights import Published, WeightsBoard
+from td3drive.contracts import spec
+from td3drive.contracts.codec import Chunk, decode
+from td3drive.contracts.config import LearnerConfig, RolloutConfig, TD3DriveConfig, config_from_dict
+from td3drive.contracts.weights import Published, WeightsBoard
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNER = LearnerConfig(
@@ -368,7 +368,7 @@ def policy_weights(config: TD3DriveConfig, seed: int) -> dict[str, np.ndarray]:
 
 
 def expected_action(weights: dict[str, np.ndarray], config: TD3DriveConfig, obs: Any) -> Any:
-    from learner.networks import load_policy_weights, policy_for
+    from td3drive.contracts.networks import load_policy_weights, policy_for
 
     policy = policy_for(config.learner)
     load_policy_weights(policy, weights)
@@ -537,7 +537,7 @@ START_LIKE_THE_DRIVER = textwrap.dedent(
     from buffer_service.ray_actor import remote_shard_class
     from rollout_workers.ray_actor import (
         remote_evaluator_class, remote_weights_board_class, remote_worker_class)
-    from td3drive.config import config_from_dict
+    from td3drive.contracts.config import config_from_dict
 
     address, by, raw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init(address=address, log_to_driver=False)

@@ -25,7 +25,7 @@ Atomicity (what a reader sees after a crash mid-write):
 
 * local filesystems (plain paths and ``file://``): the data goes to a temp file
   in the same directory, is fsynced and renamed over the target
-  (:func:`td3drive.atomic_file.atomic_write`), streamed, never held in memory;
+  (:func:`td3drive.contracts.atomic_file.atomic_write`), streamed, never held in memory;
 * object stores (``s3://``, ``gs://``): one upload per file, which the store
   makes visible only when it completes; the file is built in memory first
   (a replay snapshot therefore needs its size in RAM while it uploads);
@@ -60,7 +60,7 @@ from typing import Any, BinaryIO
 
 import pyarrow.fs as pafs
 
-from td3drive.atomic_file import atomic_write
+from td3drive.contracts.atomic_file import atomic_write
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 

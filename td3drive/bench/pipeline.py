@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from buffer_service.benchmark import encode_chunks, make_transitions
-from td3drive.spec import Transition
+from td3drive.bench.replay import encode_chunks, make_transitions
+from td3drive.contracts.spec import Transition
 
 Progress = Callable[[str], None]
 
@@ -102,7 +102,7 @@ def run_pipeline_benchmark(
     import torch
 
     from buffer_service.ray_actor import ReplaySampler, remote_shard_class
-    from td3drive.config import ReplayConfig
+    from td3drive.contracts.config import ReplayConfig
 
     if not shard_counts or min(shard_counts) < 1:
         raise ValueError("--shards needs positive counts, e.g. 1,2")

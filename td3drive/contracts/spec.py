@@ -9,7 +9,7 @@ Observation (gymnasium ``Dict``):
 
 * ``image``: ``uint8[4, 84, 84]``, the 4 most recent grayscale frames, oldest
   first. Pixels stay uint8 everywhere; the single conversion to float is
-  :func:`learner.networks.normalize_image` (``x / 255``), the encoder's first line.
+  :func:`td3drive.contracts.networks.normalize_image` (``x / 255``), the encoder's first line.
 * ``vector``: ``float32[23]`` laid out as :data:`VECTOR_LAYOUT`: speed,
   lateral deviation from the lane centre, heading error to the lane, then 10
   look-ahead waypoints ``(x, y)`` in the ego frame. Units and scaling are

@@ -10,7 +10,7 @@ The driver connects to the Ray cluster it runs in (``ray job submit`` sets
 * one evaluation worker.
 
 Everything the run writes goes under one *run location*
-(:class:`td3drive.storage.RunStorage`): ``<run.storage_path>/<UTC timestamp>``
+(:class:`td3drive.contracts.storage.RunStorage`): ``<run.storage_path>/<UTC timestamp>``
 (``./runs`` by default) or the ``--run-dir``/``--resume`` location, a local or
 shared path or a URI (``s3://``, ``gs://``, ``file://``), made absolute in this
 process before any actor sees it. The driver writes ``config.yaml``,
@@ -67,11 +67,11 @@ import yaml
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from td3drive import metric_names as M
-from td3drive.atomic_file import atomic_write
-from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
-from td3drive.prometheus import MetricsEndpoint, RunMetrics
-from td3drive.storage import (
+from td3drive.app.prometheus import MetricsEndpoint, RunMetrics
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.atomic_file import atomic_write
+from td3drive.contracts.config import ConfigError, TD3DriveConfig, config_from_dict
+from td3drive.contracts.storage import (
     RunStorage,
     is_uri,
     join_location,
@@ -187,7 +187,7 @@ def resolve_run_dir(
     (default: this process's working directory, the driver's).
 
     Raises:
-        td3drive.storage.StorageError: an empty location.
+        td3drive.contracts.storage.StorageError: an empty location.
     """
     if run_dir is not None:
         return resolve_location(run_dir, base)
@@ -203,7 +203,7 @@ def load_run_config(run_dir: str | Path | RunStorage) -> TD3DriveConfig:
 
     Raises:
         ConfigError: no ``config.yaml`` there, or it does not validate.
-        td3drive.storage.StorageError: the storage cannot be opened or read.
+        td3drive.contracts.storage.StorageError: the storage cannot be opened or read.
     """
     storage = run_dir if isinstance(run_dir, RunStorage) else RunStorage(run_dir)
     if not storage.is_file(CONFIG_FILE):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from td3drive import spec
-from td3drive.config import LearnerConfig
+from td3drive.contracts import spec
+from td3drive.contracts.config import LearnerConfig
 
 
 def normalize_image(image: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``td3drive sweep``: short trainings over a grid of config values, on Ray Tune.
 
 Every grid point is one Tune trial that runs a full
-:class:`td3drive.driver.TrainingRun` (shards, workers, learner, evaluation)
+:class:`td3drive.app.driver.TrainingRun` (shards, workers, learner, evaluation)
 with the point's overrides; trials run one at a time by default, since each
 already uses the whole machine. The table lists each point's evaluation
 figures, wall-clock and updates/s, best evaluation return first.
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from td3drive.config import ConfigError, TD3DriveConfig, config_from_dict
+from td3drive.contracts.config import ConfigError, TD3DriveConfig, config_from_dict
 
 Progress = Callable[[str], None]
 REPORTED = ("return_mean", "success_rate", "route_completion_mean", "mean_speed_kmh")
@@ -81,7 +81,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from td3drive.driver import TrainingRun
+    from td3drive.app.driver import TrainingRun
 
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     for point in points:

@@ -1,5 +1,6 @@
-"""Crash-safe file replacement on a local filesystem: what td3drive.storage.RunStorage uses
-for every local write (checkpoints, replay snapshots, the driver's files)."""
+"""Crash-safe file replacement on a local filesystem: what
+td3drive.contracts.storage.RunStorage uses for every local write
+(checkpoints, replay snapshots, the driver's files)."""
 
 from __future__ import annotations
 

@@ -353,8 +353,8 @@ class RolloutConfig(_Section):
         "'module:EnvId' (gymnasium.make imports the module, which registers EnvId, in the "
         "driver and in every worker; it must be importable on every node: installed, on "
         "PYTHONPATH, or shipped with the job's working_dir/py_modules). Its spaces must be "
-        "td3drive.spec's; rollout_workers.adapters.PixelEnvAdapter turns an RGB pixel env "
-        "into them (td3drive/CarRacingPixels-v0 is CarRacing-v3 through it).",
+        "td3drive.contracts.spec's; rollout_workers.adapters.PixelEnvAdapter turns an RGB "
+        "pixel env into them (td3drive/CarRacingPixels-v0 is CarRacing-v3 through it).",
     )
     env_kwargs: dict[str, Any] = Field(
         default_factory=dict,

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from buffer_service.codec import CompressedChunk
 from buffer_service.snapshot import read_latest
-from td3drive.config import DrivingTaskConfig
+from td3drive.contracts.codec import CompressedChunk
+from td3drive.contracts.config import DrivingTaskConfig
 
 CLASSES = ("crash", "stuck_end", "route_complete", "stopped", "overspeed", "driving")
 

@@ -16,7 +16,7 @@ and writes PNGs into ``RUN_DIR/report/``:
 * ``learner.png``: whether the learner learns, against learner updates;
 * ``system.png``: throughput, replay and policy lag, against wall time;
 * ``replay_census.json`` (when the run has replay snapshots): what the replay
-  holds, crashes, stops and driving (:mod:`td3drive.replay_census`), also
+  holds, crashes, stops and driving (:mod:`td3drive.app.replay_census`), also
   printed;
 * ``index.html``: one page with the curves, the ``summary.json`` figures, the
   latest evaluation (``eval.jsonl``) and the latest evaluation clip, if the
@@ -53,9 +53,9 @@ from urllib.parse import quote
 
 import yaml
 
-from td3drive import metric_names as M
-from td3drive import replay_census
-from td3drive.config import DrivingTaskConfig
+from td3drive.app import replay_census
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import DrivingTaskConfig
 
 log = logging.getLogger(__name__)
 

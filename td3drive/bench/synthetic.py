@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from buffer_service.codec import Chunk
-from td3drive import spec
-from td3drive.spec import Transition
+from td3drive.contracts import spec
+from td3drive.contracts.codec import Chunk
+from td3drive.contracts.spec import Transition
 
 SPECKLE_FRACTION = 0.015
 """Share of pixels that are random bright specks: the entropy knob."""

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from buffer_service.codec import encode, payload_steps
 from buffer_service.shard import ReplayShard
-from buffer_service.synthetic import SyntheticEpisode, chunked
-from td3drive import spec
-from td3drive.config import ReplayConfig
-from td3drive.spec import Batch, Transition
+from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.contracts import spec
+from td3drive.contracts.codec import encode, payload_steps
+from td3drive.contracts.config import ReplayConfig
+from td3drive.contracts.spec import Batch, Transition
 
 Progress = Callable[[str], None]
 

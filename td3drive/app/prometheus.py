@@ -31,8 +31,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from td3drive import metric_names as M
-from td3drive.config import ConfigError
+from td3drive.contracts import metric_names as M
+from td3drive.contracts.config import ConfigError
 
 # name, help, labels  (counters: the name without _total; the family adds it)
 COUNTERS: dict[str, str] = {
@@ -144,7 +144,7 @@ class RunMetrics:
             self.gauges.setdefault(name, {})[labels] = float(value)
 
     def update_learner(self, metrics: dict[str, float]) -> None:
-        """Map one learner metrics dict (:mod:`td3drive.metric_names`) onto gauges."""
+        """Map one learner metrics dict (:mod:`td3drive.contracts.metric_names`) onto gauges."""
         pairs = [
             ("td3drive_learner_loss", M.CRITIC_LOSS, ("critic",)),
             ("td3drive_learner_loss", M.ACTOR_LOSS, ("actor",)),

@@ -44,8 +44,8 @@ def _bare_env_steps_per_s(env_id: str, steps: int) -> float:
 
 
 def _inference_latency_ms(repeats: int = 200) -> dict[str, float]:
-    from learner.networks import policy_for
-    from td3drive.config import LearnerConfig
+    from td3drive.contracts.config import LearnerConfig
+    from td3drive.contracts.networks import policy_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -85,9 +85,9 @@ def run_rollout_benchmark(
     import ray
 
     from buffer_service.ray_actor import remote_shard_class
-    from learner.networks import policy_for
     from rollout_workers.ray_actor import remote_weights_board_class, remote_worker_class
-    from td3drive.config import config_from_dict
+    from td3drive.contracts.config import config_from_dict
+    from td3drive.contracts.networks import policy_for
 
     if not workers or min(workers) < 1:
         raise ValueError("--workers needs positive counts, e.g. 1,2")

@@ -1,7 +1,7 @@
 """``td3drive bench learning``: does it drive? Config variants side by side.
 
 Each variant trains with the same base config, budget and seeds on the
-embedded simulator (a full :class:`td3drive.driver.TrainingRun` per variant
+embedded simulator (a full :class:`td3drive.app.driver.TrainingRun` per variant
 and seed, evaluated every ``eval_every`` env steps with the deterministic
 policy). The built-in variants (:data:`VARIANTS`) compare encoder modes:
 
@@ -15,7 +15,7 @@ policy). The built-in variants (:data:`VARIANTS`) compare encoder modes:
   the pre-tanh penalty, the setting whose actor saturated.
 
 A variant is a mapping ``{section: {key: value}}`` over any sections of
-:class:`td3drive.config.TD3DriveConfig` (``learner``, ``task``, ``rollout``,
+:class:`td3drive.contracts.config.TD3DriveConfig` (``learner``, ``task``, ``rollout``,
 ...), merged into the base config (nested mappings such as
 ``rollout.env_kwargs`` are merged key by key). Every variant keeps the base
 config's other settings. The bench then sets, for every run whatever the
@@ -78,8 +78,8 @@ from typing import Any
 
 import numpy as np
 
-from td3drive.config import TD3DriveConfig, config_from_dict
-from td3drive.report import flatten
+from td3drive.app.report import flatten
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict
 
 Progress = Callable[[str], None]
 
@@ -183,7 +183,7 @@ def variant_config(
 
     Raises:
         ValueError: an unknown variant, or one that names an unknown section.
-        td3drive.config.ConfigError: the result does not validate.
+        td3drive.contracts.config.ConfigError: the result does not validate.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
@@ -273,9 +273,9 @@ def train_run(config: TD3DriveConfig, run_dir: Path) -> None:
     """Train one run to its budget in ``run_dir`` (a fresh directory).
 
     Raises:
-        td3drive.driver.TrainingError: the run failed (e.g. a NaN loss).
+        td3drive.app.driver.TrainingError: the run failed (e.g. a NaN loss).
     """
-    from td3drive.driver import TrainingRun
+    from td3drive.app.driver import TrainingRun
 
     run = TrainingRun(config, run_dir, log_line=lambda _line: None)
     try:
@@ -287,7 +287,7 @@ def train_run(config: TD3DriveConfig, run_dir: Path) -> None:
 def run_completed(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished run: ``summary.json`` with status
     ``completed`` and a non-empty ``eval.jsonl``."""
-    from td3drive.driver import EVAL_FILE, SUMMARY_FILE
+    from td3drive.app.driver import EVAL_FILE, SUMMARY_FILE
 
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -317,7 +317,7 @@ def read_run(run_dir: Path, seed: int) -> dict[str, Any]:
     (``history``: the ``eval.jsonl`` lines), the evaluation seeds, time to
     each threshold (keys ``"0.5"``, ``"0.8"``) and the provenance the bench
     wrote beside it (None for a run it did not train)."""
-    from td3drive.driver import EVAL_FILE, SUMMARY_FILE, load_run_config
+    from td3drive.app.driver import EVAL_FILE, SUMMARY_FILE, load_run_config
 
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     history = [json.loads(line) for line in (run_dir / EVAL_FILE).read_text().splitlines() if line]
@@ -486,8 +486,8 @@ def _prepare_out_dir(
 
 
 def _reuse(run_dir: Path, config: TD3DriveConfig, seed: int) -> dict[str, Any]:
-    from td3drive.config import ConfigError
-    from td3drive.driver import load_run_config
+    from td3drive.app.driver import load_run_config
+    from td3drive.contracts.config import ConfigError
 
     try:
         trained = load_run_config(run_dir).model_dump(mode="json")
@@ -547,7 +547,7 @@ def run_learning_benchmark(
             ``resume`` nor ``fresh`` was given, or ``resume`` with other
             settings than that comparison's (or a run trained with another
             config).
-        td3drive.driver.TrainingError: a run failed (e.g. a NaN loss).
+        td3drive.app.driver.TrainingError: a run failed (e.g. a NaN loss).
     """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

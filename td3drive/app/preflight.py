@@ -13,7 +13,7 @@ after every other check on the directory passed.
   be created in) must be writable, tried by creating and removing a probe file
   (``os.access`` says yes to root even on a read-only filesystem). The run
   location may be a URI (``s3://``, ``gs://``, ``file://``,
-  :class:`td3drive.storage.RunStorage`): the same checks then run on the
+  :class:`td3drive.contracts.storage.RunStorage`): the same checks then run on the
   storage (listing, a probe object written and removed); an unknown scheme or
   unreachable storage fails here, before Ray starts.
 * :func:`check_resume_checkpoint`: ``checkpoints/learner.pt`` of a run to
@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from td3drive.storage import RunStorage, StorageError
+from td3drive.contracts.storage import RunStorage, StorageError
 
 if TYPE_CHECKING:
-    from td3drive.config import TD3DriveConfig
+    from td3drive.contracts.config import TD3DriveConfig
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 LEARNER_CHECKPOINT = "checkpoints/learner.pt"
 
-# What a run writes into its directory (td3drive.driver, td3drive report), and
+# What a run writes into its directory (td3drive.app.driver, td3drive report), and
 # so what --overwrite removes; anything else in the directory is left alone.
 RUN_ENTRIES: tuple[str, ...] = (
     CONFIG_FILE,
@@ -289,12 +289,12 @@ def check_metrics_port(port: int | None, address: str = "0.0.0.0") -> None:
     ``None`` (endpoint off) and 0 (any free port) always pass.
 
     Raises:
-        td3drive.prometheus.MetricsPortError: a ConfigError (ValueError) with
+        td3drive.app.prometheus.MetricsPortError: a ConfigError (ValueError) with
             one line: the port is taken or not allowed.
     """
     if not port:
         return
-    from td3drive.prometheus import MetricsEndpoint, RunMetrics
+    from td3drive.app.prometheus import MetricsEndpoint, RunMetrics
 
     MetricsEndpoint.bind(RunMetrics(), port, address).close(0.0)
 
@@ -336,7 +336,7 @@ def _run_markers(run_dir: Path) -> list[str]:
 
 def _is_td3drive_config(text: str) -> bool:
     """Whether ``text`` is YAML whose top level is td3drive's config sections."""
-    from td3drive.config import TD3DriveConfig
+    from td3drive.contracts.config import TD3DriveConfig
 
     try:
         raw = yaml.safe_load(text)

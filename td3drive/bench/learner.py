@@ -2,14 +2,14 @@
 and ours with each speed option on.
 
 The reference is the same TD3 update (same networks from
-:mod:`learner.networks`, same Adam, same feature reuse for the actor loss) as a
+:mod:`td3drive.contracts.networks`, same Adam, same feature reuse for the actor loss) as a
 bare fp32 PyTorch loop with none of the learner's machinery: no batch
 validation, no gradient clipping or norm measurement, no NaN checks, no
 metrics. Every variant of ours runs as the learner actor runs it
 (:meth:`TD3Learner.update_deferred`, metrics fetched every ``fetch_every``
 updates), plus one row of the per-update path (:meth:`TD3Learner.update`,
 metrics fetched after every update, as before issue 13). Option rows turn on
-one :class:`td3drive.config.LearnerConfig` speed option each (``OPTIONS``);
+one :class:`td3drive.contracts.config.LearnerConfig` speed option each (``OPTIONS``);
 the ``all`` row turns on every selected one the device supports, and
 ``all_but_compile`` the same without ``torch.compile``.
 
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learner.networks import ActorHead, TwinQHead, encoder_for
 from learner.td3 import TD3Learner, frozen_copy, resolve_device
-from td3drive.config import LearnerConfig, RunConfig
-from td3drive.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
+from td3drive.contracts.config import LearnerConfig, RunConfig
+from td3drive.contracts.networks import ActorHead, TwinQHead, encoder_for
+from td3drive.contracts.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
 
 Progress = Callable[[str], None]
 

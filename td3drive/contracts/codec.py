@@ -39,8 +39,8 @@ from typing import Any
 import lz4.block
 import numpy as np
 
-from td3drive import spec
-from td3drive.spec import Transition
+from td3drive.contracts import spec
+from td3drive.contracts.spec import Transition
 
 MAGIC = b"TD3C"
 FORMAT_VERSION = 1

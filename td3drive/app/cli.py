@@ -2,7 +2,7 @@
 
 Subcommands:
 
-* ``td3drive train``: the main job (see :mod:`td3drive.driver`).
+* ``td3drive train``: the main job (see :mod:`td3drive.app.driver`).
 * ``td3drive evaluate``: the deterministic policy of a checkpoint, under its run's settings.
 * ``td3drive report``: plots of a run directory.
 * ``td3drive sweep``: a grid of short trainings on Ray Tune.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from td3drive.config import LearnerConfig, TD3DriveConfig
+    from td3drive.contracts.config import LearnerConfig, TD3DriveConfig
 
 
 def _positive_int(text: str) -> int:
@@ -50,7 +50,7 @@ def _positive_int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from td3drive.learning_bench import DEFAULT_VARIANTS, VARIANTS
+    from td3drive.bench.learning import DEFAULT_VARIANTS, VARIANTS
 
     parser = argparse.ArgumentParser(
         prog="td3drive",
@@ -575,8 +575,8 @@ seeds, device, budget and evaluation settings):
 
 
 def _bench_learning(args: argparse.Namespace) -> int:
-    from td3drive.config import ConfigError, load_config
-    from td3drive.learning_bench import run_learning_benchmark
+    from td3drive.bench.learning import run_learning_benchmark
+    from td3drive.contracts.config import ConfigError, load_config
 
     try:
         base = load_config(args.config)
@@ -607,8 +607,8 @@ def _bench_learning(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from td3drive.config import ConfigError, load_config
-    from td3drive.sweep import parse_grid, run_sweep
+    from td3drive.app.sweep import parse_grid, run_sweep
+    from td3drive.contracts.config import ConfigError, load_config
 
     try:
         base = load_config(args.config, args.overrides)
@@ -626,8 +626,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from td3drive.config import ConfigError, apply_overrides, config_from_dict, load_config
-    from td3drive.driver import (
+    from td3drive.app.driver import (
         LiveDisplay,
         TrainingError,
         TrainingRun,
@@ -636,13 +635,19 @@ def _train(args: argparse.Namespace) -> int:
         load_run_config,
         resolve_run_dir,
     )
-    from td3drive.preflight import (
+    from td3drive.app.preflight import (
         PreflightError,
         check_metrics_port,
         check_resume_checkpoint,
         check_run_dir,
     )
-    from td3drive.storage import StorageError, resolve_location
+    from td3drive.contracts.config import (
+        ConfigError,
+        apply_overrides,
+        config_from_dict,
+        load_config,
+    )
+    from td3drive.contracts.storage import StorageError, resolve_location
 
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides)
@@ -719,14 +724,14 @@ def evaluation_settings(
     The source, first match wins: ``config_path``; ``run_dir/config.yaml``
     when ``run_dir`` is given; the run directory the checkpoint lies in
     (``RUN_DIR/config.yaml`` for ``RUN_DIR/checkpoints/<file>``); else the
-    defaults (:class:`td3drive.config.TD3DriveConfig` with the checkpoint's
+    defaults (:class:`td3drive.contracts.config.TD3DriveConfig` with the checkpoint's
     ``learner`` section), reported as ``"defaults"``. ``overrides``
     (``section.key=value``, as ``td3drive train --set``) and then ``env_id``
     (``rollout.env_id``) are applied before validation.
 
     Args:
         checkpoint: the learner checkpoint being evaluated.
-        learner_config: the checkpoint's own :class:`td3drive.config.LearnerConfig`.
+        learner_config: the checkpoint's own :class:`td3drive.contracts.config.LearnerConfig`.
         run_dir: an explicit run directory (``--run-dir``).
         config_path: an explicit configuration file (``--config``).
         overrides: ``section.key=value`` strings.
@@ -737,18 +742,18 @@ def evaluation_settings(
         read or ``"defaults"``.
 
     Raises:
-        td3drive.config.ConfigError: an unreadable or invalid config file, a
+        td3drive.contracts.config.ConfigError: an unreadable or invalid config file, a
             ``run_dir`` without ``config.yaml``, a malformed override, or a
             result that does not validate.
     """
-    from td3drive.config import (
+    from td3drive.app.driver import CONFIG_FILE, load_run_config
+    from td3drive.contracts.config import (
         ConfigError,
         ReplayConfig,
         apply_overrides,
         config_from_dict,
         load_config,
     )
-    from td3drive.driver import CONFIG_FILE, load_run_config
 
     raw: dict[str, Any]
     if config_path is not None:
@@ -795,13 +800,13 @@ def _jsonable(value: Any) -> Any:
 def _evaluate(args: argparse.Namespace) -> int:
     import gymnasium as gym
 
-    from learner.networks import load_policy_weights, policy_for
     from learner.td3 import CheckpointError, load_policy_checkpoint
     from rollout_workers.evaluation import evaluate_policy, summarize
     from rollout_workers.video import EvaluationVideo, VideoError, video_format, write_video
     from rollout_workers.worker import env_kwargs_for
-    from td3drive.config import ConfigError
-    from td3drive.driver import LEARNER_CHECKPOINT
+    from td3drive.app.driver import LEARNER_CHECKPOINT
+    from td3drive.contracts.config import ConfigError
+    from td3drive.contracts.networks import load_policy_weights, policy_for
 
     checkpoint: Path = args.checkpoint or args.run_dir / LEARNER_CHECKPOINT
     video: EvaluationVideo | None = None
@@ -885,7 +890,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from td3drive.report import ReportError, make_report
+    from td3drive.app.report import ReportError, make_report
 
     try:
         paths = make_report(args.run_dir)
@@ -905,7 +910,7 @@ def _carla_check(args: argparse.Namespace) -> int:
 
 
 def _bench_rollout(args: argparse.Namespace) -> int:
-    from td3drive.rollout_bench import run_rollout_benchmark
+    from td3drive.bench.rollout import run_rollout_benchmark
 
     try:
         report = run_rollout_benchmark(
@@ -929,7 +934,7 @@ def _racetrack_transitions(count: int) -> list[Any]:
 
     import rollout_workers
     from rollout_workers.scripted import lane_follower
-    from td3drive.spec import Transition
+    from td3drive.contracts.spec import Transition
 
     env = gym.make(rollout_workers.RACETRACK_ID)
     rng = np.random.default_rng(0)
@@ -965,7 +970,7 @@ def _racetrack_transitions(count: int) -> list[Any]:
 
 
 def _bench_replay(args: argparse.Namespace) -> int:
-    from buffer_service.benchmark import run_replay_benchmark
+    from td3drive.bench.replay import run_replay_benchmark
 
     try:
         report = run_replay_benchmark(
@@ -988,7 +993,7 @@ def _bench_replay(args: argparse.Namespace) -> int:
 
 
 def _bench_pipeline(args: argparse.Namespace) -> int:
-    from td3drive.pipeline_bench import run_pipeline_benchmark
+    from td3drive.bench.pipeline import run_pipeline_benchmark
 
     try:
         report = run_pipeline_benchmark(
@@ -1023,13 +1028,13 @@ def _emit(report: dict, path: Path | None) -> None:
 
 
 def _bench_learner(args: argparse.Namespace) -> int:
-    from learner.benchmark import (
+    from td3drive.bench.learner import (
         DEFAULT_OPTIONS,
         OPTIONS,
         learner_torch_threads,
         run_learner_benchmark,
     )
-    from td3drive.config import RunConfig, load_config
+    from td3drive.contracts.config import RunConfig, load_config
 
     options: list[str] = []
     for name in args.options:
@@ -1085,8 +1090,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     or written, a full disk), 130 for Ctrl-C. Programming errors keep their
     traceback.
     """
-    from td3drive.config import ConfigError
-    from td3drive.preflight import PreflightError
+    from td3drive.app.preflight import PreflightError
+    from td3drive.contracts.config import ConfigError
 
     args = build_parser().parse_args(argv)
     # As `python -m` and Ray's workers (a local ray.init puts the driver's
