@@ -1,1 +1,1 @@
-"""Replay service: chunk codec, shard storage, rate limiting (issue #3)."""
+"""Replay service: shard storage, rate limiting, snapshots and the shards as Ray actors."""

@@ -216,7 +216,7 @@ class ReplayShard:
         return plan.gather(self._decode_pool, self.decode_threads)
 
     def _sample_legacy(self, batch_size: int) -> SampledBatch:
-        """:meth:`sample` as issue 11 did it: decoded under the lock by the
+        """:meth:`sample` as it was first written: decoded under the lock by the
         per-row loop. The same batch for the same sampling RNG state; kept for
         the equivalence tests and as ``bench replay``'s baseline."""
         return self._take_sample(

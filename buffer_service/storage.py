@@ -10,7 +10,7 @@ frame stacks from the chunk's once-stored frames, in two steps so a shard
 decodes outside its lock: :meth:`ReplayStorage.plan_sample` draws the ids and
 takes references to their (immutable) chunks, :meth:`SamplePlan.gather`
 decompresses each frame the batch needs once and gathers every array with
-numpy. The issue-11 per-row loop stays as ``sample(..., method="legacy")``,
+numpy. The original per-row loop stays as ``sample(..., method="legacy")``,
 the reference the tests compare against and the benchmark's baseline.
 
 n-step returns (Sutton & Barto 2018, §7.1) are computed within a chunk when
@@ -458,8 +458,8 @@ class ReplayStorage:
             batch_size: transitions to draw, ``≥ 1``.
             method: ``"gather"`` (:meth:`plan_sample` then
                 :meth:`SamplePlan.gather`: each needed frame decoded once,
-                rows gathered with numpy) or ``"legacy"`` (the per-row loop
-                of issue 11, kept as the reference and the benchmark's
+                rows gathered with numpy) or ``"legacy"`` (the original
+                per-row loop, kept as the reference and the benchmark's
                 baseline). Both return identical batches for the same RNG
                 state and contents.
 
@@ -511,7 +511,7 @@ class ReplayStorage:
         return self._rng.integers(self.oldest_id, self.next_id, size=batch_size), None, None
 
     def _sample_legacy(self, batch_size: int) -> SampledBatch:
-        """The issue-11 sample path: a per-row loop that decompresses every
+        """The original sample path: a per-row loop that decompresses every
         row's 8 frames (4 of them twice at n = 1), under the caller's lock."""
         ids, weight, weight_scale = self._draw(batch_size)
         starts = self._chunk_starts()

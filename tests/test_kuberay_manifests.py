@@ -58,7 +58,7 @@ SCHEMA_FILES = {
 
 KINDS = {*SCHEMA_FILES, ("v1", "Pod")}  # a Pod's schema comes from the RayJob's
 
-# The old entrypoint, split by the submitter's shell (issue 12).
+# The old entrypoint, split by the submitter's shell.
 SPLIT_ENTRYPOINT = "cd /app && td3drive train --config deploy/cluster.yaml"
 
 
@@ -612,7 +612,7 @@ def test_entrypoint_reaches_the_job_as_one_command(tmp_path: Path) -> None:
 
 
 def test_the_split_entrypoint_is_caught(tmp_path: Path) -> None:
-    """The harness above sees the bug of issue 12: the old entrypoint's ``&&``
+    """The harness above sees the old entrypoint's bug: its ``&&``
     ends the submit command, and ``td3drive train`` runs in the submitter."""
     job = copy.deepcopy(_rayjob())
     job["spec"]["entrypoint"] = SPLIT_ENTRYPOINT

@@ -1,4 +1,5 @@
-"""Resuming a learner from its checkpoint (issue 11, items 8, 9, 10 and 14).
+"""Resuming a learner from its checkpoint: rebuilt learners, changed hyperparameters,
+GPU checkpoints on a CPU, bad files.
 
 * The run's current learner config applies on resume: changed learning rates
   reach the optimizers, every non-architectural field takes effect and is

@@ -41,7 +41,7 @@ budget on every seed tried, so the test asserts that it does not reach the
 threshold. That is a statement about this budget: a frozen random CNN keeps
 some positional information and might get further with many more updates.
 
-Why these hyperparameters (all set explicitly, so the provisional defaults in
+Why these hyperparameters (all set explicitly, so the defaults in
 :class:`~td3drive.contracts.config.LearnerConfig` can move without silently changing
 this test): a critic lr of 1e-3 with 256-wide heads fits the reward within
 about 100 updates; an actor lr of 1e-4 with ``policy_delay = 2`` keeps the

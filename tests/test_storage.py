@@ -1,4 +1,4 @@
-"""Run storage (issue 12, "Run output lands in Ray's disposable cache").
+"""Run storage: run output must not land in Ray's disposable cache.
 
 * :class:`td3drive.contracts.storage.RunStorage` on local paths and ``file://`` URIs:
   atomic writes, appends, listing, deletion, one-line typed errors; the

@@ -1,4 +1,4 @@
-"""Rollout worker faults (issue 11): failed pushes, restarts, learner restarts,
+"""Rollout worker faults: failed pushes, restarts, learner restarts,
 environments that cannot be built, and Ray's constructor-argument warning.
 
 In-process tests drive a :class:`RolloutWorker` with a push that fails and

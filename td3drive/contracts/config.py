@@ -33,8 +33,9 @@ class LearnerConfig(_Section):
     Approximation Error in Actor-Critic Methods", Algorithm 1).
 
     Pixel-specific defaults follow DrQ-v2 (Yarats et al. 2021): lr 1e-4,
-    batch 256, random-shift augmentation with pad 4. They are provisional until
-    the learning benchmark chooses them.
+    batch 256, random-shift augmentation with pad 4; ``deploy/local.yaml``
+    overrides several of them with the values the learning comparison in
+    ``docs/benchmarks.md`` chose for the embedded simulator.
     """
 
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -131,7 +132,7 @@ class LearnerConfig(_Section):
         "images by up to this many pixels (edge-replicated); 0 disables it.",
     )
     seed: int = Field(0, ge=0, description="Seed of network init, target noise and augmentation.")
-    # Speed options (issue 13). Off = the exact fp32 update; `td3drive bench
+    # Speed options. Off = the exact fp32 update; `td3drive bench
     # learner` measures each against it on the device at hand.
     channels_last: bool = Field(
         False,
