@@ -11,6 +11,7 @@ lint:
 	ruff check .
 	ruff format --check .
 	mypy
+	lint-imports
 
 format:
 	ruff format .
