@@ -33,7 +33,7 @@ CAR_RACING_PIXELS_ID = "td3drive/CarRacingPixels-v0"
 
 ENVIRONMENTS: dict[str, dict[str, Any]] = {
     RACETRACK_ID: {"entry_point": "rollout_workers.racetrack_env:RacetrackEnv"},
-    CARLA_ID: {"entry_point": "rollout_workers.carla_env:CarlaEnv"},
+    CARLA_ID: {"entry_point": "rollout_workers.carla.env:CarlaEnv"},
     FAULTY_ID: {"entry_point": "rollout_workers.faults:FaultyEnv"},
     CAR_RACING_PIXELS_ID: {"entry_point": "rollout_workers.adapters:car_racing_pixels"},
 }

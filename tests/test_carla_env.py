@@ -29,8 +29,7 @@ import pytest
 
 import rollout_workers  # registers td3drive/Carla-v0
 from rollout_workers import driving_task
-from rollout_workers.carla_check import REPORT_FIELDS, check_server, format_report, main
-from rollout_workers.carla_env import (
+from rollout_workers.carla import (
     ActorRegistry,
     CarlaConnectionError,
     CarlaEnv,
@@ -44,6 +43,7 @@ from rollout_workers.carla_env import (
     carla_to_ego,
     to_vehicle_control,
 )
+from rollout_workers.carla.check import REPORT_FIELDS, check_server, format_report, main
 from td3drive.contracts import spec
 from td3drive.contracts.config import CarlaConfig
 

@@ -130,7 +130,7 @@ def test_carla_section_reaches_each_workers_environment_kwargs() -> None:
     assert (second["carla"]["port"], second["carla"]["tm_port"]) == (3003, 9001)
     assert second["carla"]["town"] == "Town05"
     assert second["task"]["target_speed_mps"] == 6.0
-    carla_env = pytest.importorskip("rollout_workers.carla_env")
+    carla_env = pytest.importorskip("rollout_workers.carla.env")
     env = carla_env.CarlaEnv(**second)  # construction validates and never connects
     try:
         assert env.address.endswith(":3003")

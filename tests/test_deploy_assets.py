@@ -85,7 +85,7 @@ def test_carla_config_reaches_the_environment() -> None:
     kwargs = env_kwargs_for(config, worker_index=0)
     assert CarlaConfig.model_validate(kwargs["carla"]) == config.carla
     assert kwargs["task"] == config.task.model_dump()
-    carla_env = pytest.importorskip("rollout_workers.carla_env")
+    carla_env = pytest.importorskip("rollout_workers.carla.env")
     env = carla_env.CarlaEnv(**kwargs)  # construction validates and never connects
     try:
         assert env.address == f"{config.carla.host}:{config.carla.port}"

@@ -81,7 +81,7 @@ def test_typed_errors_survive_pickling_across_ray() -> None:
     import pickle
 
     from learner.td3 import NonFiniteLossError
-    from rollout_workers.carla_env import CarlaConnectionError, CarlaTimeoutError
+    from rollout_workers.carla import CarlaConnectionError, CarlaTimeoutError
 
     for error in (
         SpecError("batch.reward", "contains NaN"),

@@ -24,7 +24,7 @@
 #   --check-timeout S      timeout of each carla-check probe (default 5)
 #
 # Environment: CARLA_CHECK overrides the probe command (default: `td3drive carla-check`
-# when that subcommand exists, else `python -m rollout_workers.carla_check`).
+# when that subcommand exists, else `python -m rollout_workers.carla.check`).
 set -euo pipefail
 
 usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -95,7 +95,7 @@ probe_cmd() {
   elif command -v td3drive >/dev/null 2>&1 && td3drive carla-check --help >/dev/null 2>&1; then
     echo "td3drive carla-check"
   else
-    echo "python3 -m rollout_workers.carla_check"
+    echo "python3 -m rollout_workers.carla.check"
   fi
 }
 

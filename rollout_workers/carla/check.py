@@ -16,7 +16,7 @@ another client's simulation, so this probe never does.
 
 Usage::
 
-    python -m rollout_workers.carla_check --host 127.0.0.1 --port 2000 --timeout 5 [--json]
+    python -m rollout_workers.carla.check --host 127.0.0.1 --port 2000 --timeout 5 [--json]
 
 Exit status 0 when the server is reachable and ticks, 1 otherwise.
 """
