@@ -13,6 +13,11 @@ Actor-Critic Methods" (ICML), Algorithm 1:
   critic update (§5.2);
 * Polyak targets ``θ' ← τ θ + (1 − τ) θ'``.
 
+The formulas themselves (smoothing, target, losses, TD errors, Polyak) are
+the pure functions of :mod:`learner.td3_math`; this module holds the state
+around them: networks, optimizers, autocast and compile, clipping, the NaN/inf
+guard, metrics and checkpoints.
+
 Every update re-encodes the sampled images, so the critic loss trains the
 critic's CNN and (in ``separate`` mode) the actor loss trains the actor's CNN.
 Where this departs from the paper, and why, is listed in ``learner/README.md``.
@@ -64,6 +69,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from learner import td3_math
 from learner.augmentation import random_shift
 from td3drive.contracts import metric_names as M
 from td3drive.contracts.config import LearnerConfig
@@ -455,10 +461,9 @@ class TD3Learner:
                 critic_features = self.critic.encoder(obs_image)
             q1, q2 = self.critic.heads(critic_features, obs_vector, action)
         q1, q2 = q1.float(), q2.float()  # the same tensors unless amp_bf16
-        squared_errors = (q1 - target_q).square() + (q2 - target_q).square()
-        critic_loss = (squared_errors if weight is None else weight * squared_errors).mean()
+        critic_loss = td3_math.critic_loss(q1, q2, target_q, weight)
         with torch.no_grad():  # per-sample |TD error| for PER priorities; stays on the device
-            self._abs_td_error = torch.maximum((q1 - target_q).abs(), (q2 - target_q).abs())
+            self._abs_td_error = td3_math.abs_td_error(q1, q2, target_q)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         values: dict[str, torch.Tensor] = {
@@ -488,11 +493,9 @@ class TD3Learner:
             policy_action = torch.tanh(preactivation)
             with self._autocast():
                 q_policy = self.critic.heads.q1_only(critic_features, obs_vector, policy_action)
-            actor_loss = -q_policy.float().mean()
-            if cfg.action_preactivation_penalty:
-                actor_loss = actor_loss + cfg.action_preactivation_penalty * (
-                    preactivation.square().mean()
-                )
+            actor_loss = td3_math.actor_loss(
+                q_policy.float(), preactivation, cfg.action_preactivation_penalty
+            )
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
             values[M.ACTOR_LOSS] = actor_loss.detach()
@@ -693,15 +696,14 @@ class TD3Learner:
                 device=self.device,
                 generator=self._generator if generator is None else generator,
             )
-            noise = (noise * self.config.policy_noise).clamp_(
-                -self.config.noise_clip, self.config.noise_clip
+            next_action = td3_math.smoothed_target_action(
+                next_action, noise, self.config.policy_noise, self.config.noise_clip
             )
-            next_action = (next_action + noise).clamp_(-1.0, 1.0)
         with self._autocast():
             target_q1, target_q2 = self.target_critic_heads(
                 critic_features, next_vector, next_action
             )
-        return reward + discount * torch.minimum(target_q1.float(), target_q2.float())
+        return td3_math.td_target(reward, discount, target_q1.float(), target_q2.float())
 
     # ----------------------------------------------------------------- helpers
     def _to_tensors(self, batch: Batch) -> tuple[Any, ...]:
@@ -754,16 +756,13 @@ class TD3Learner:
 
     @torch.no_grad()
     def _polyak_update(self) -> None:
-        # θ' ← θ' + τ (θ − θ') = τ θ + (1 − τ) θ'
-        if not self._device_check:
-            torch._foreach_lerp_(self._target_params, self._online_params, self.config.tau)
-            return
-        # Device-side guard: τ while the NaN/inf flag is clear, 0 once it is set
-        # (θ − θ' is finite: a skipped step leaves θ as it was).
-        tau = self._found_inf.mul(-self.config.tau).add_(self.config.tau)
-        steps = torch._foreach_sub(self._online_params, self._target_params)
-        torch._foreach_mul_(steps, tau)
-        torch._foreach_add_(self._target_params, steps)
+        """Polyak-average every target toward its online network (``td3_math.polyak_update``)."""
+        tau: float | torch.Tensor = self.config.tau
+        if self._device_check:
+            # Device-side guard: τ while the NaN/inf flag is clear, 0 once it is set
+            # (θ − θ' is finite: a skipped step leaves θ as it was).
+            tau = self._found_inf.mul(-self.config.tau).add_(self.config.tau)
+        td3_math.polyak_update(self._online_params, self._target_params, tau)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast of a forward pass under ``amp_bf16``, else nothing."""
