@@ -24,8 +24,12 @@ PACKAGES = ("td3drive", "learner", "buffer_service", "rollout_workers")
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         # lint-imports, as its console script runs it (the module has no __main__)
-        [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"]
-        + ["--no-cache"],
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command as c; c()",
+            "--no-cache",
+        ],
         cwd=root,
         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
         capture_output=True,

@@ -138,7 +138,7 @@ class ActorHead(nn.Module):
 
 class TwinQHead(nn.Module):
     """Two independent Q heads over ``[features ‖ vector ‖ action]`` (TD3's
-    clipped double-Q, Fujimoto et al. 2018 §4.1).
+    clipped double-Q, Fujimoto et al. 2018 §4.2).
 
     Returns ``(q1, q2)``, each ``float32[B]``.
     """
