@@ -11,9 +11,6 @@ it, so importing it registers them too):
   :class:`rollout_workers.adapters.PixelEnvAdapter` (needs ``box2d``).
 """
 
-import importlib
-from types import ModuleType
-
 from td3drive import (
     CAR_RACING_PIXELS_ID,
     CARLA_ID,
@@ -25,11 +22,3 @@ from td3drive import (
 __all__ = ["CARLA_ID", "CAR_RACING_PIXELS_ID", "FAULTY_ID", "RACETRACK_ID"]
 
 register_environments()  # idempotent; already done by ``import td3drive``
-
-
-def __getattr__(name: str) -> ModuleType:
-    """Transitional alias: ``from rollout_workers import carla_check`` (still used by
-    ``td3drive/app/cli.py``) gives :mod:`rollout_workers.carla.check`, its new home."""
-    if name == "carla_check":
-        return importlib.import_module("rollout_workers.carla.check")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

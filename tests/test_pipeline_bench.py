@@ -112,10 +112,13 @@ def test_bench_replay_reports_both_sample_paths_and_inserts_while_sampling() -> 
     for row in report["sample_paths"]:
         assert row["speedup_vs_legacy"] == pytest.approx(row["batches_per_s"] / legacy)
     inserts = report["insert_while_sampling"]
-    assert [r["sampling"] for r in inserts] == [None, "legacy", "gather"]
+    assert [r["sampling"] for r in inserts] == [None, "legacy", "gather", "compressed"]
     assert inserts[0]["insert_rate_vs_alone"] == 1.0 and inserts[0]["sample_batches_per_s"] == 0
     assert all(r["insert_transitions_per_s"] > 0 for r in inserts)
     assert all(r["sample_batches_per_s"] > 0 for r in inserts[1:])
+    compressed = next(r for r in inserts if r["sampling"] == "compressed")
+    assert compressed["insert_transitions_per_s"] > 0 and compressed["sample_batches_per_s"] > 0
+    assert compressed["insert_rate_vs_alone"] > 0
     shipping = report["compressed_shipping"]
     assert shipping["bytes_ratio"] == pytest.approx(
         shipping["raw_bytes_per_batch"] / shipping["bytes_per_batch"]

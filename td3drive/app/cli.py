@@ -14,6 +14,10 @@ Subcommands:
 * ``td3drive bench learning``: encoder modes compared on the embedded simulator.
 * ``td3drive carla-check``: probe a CARLA server.
 
+Each ``bench`` subcommand is a module of :mod:`td3drive.bench` with the same
+shape (``HELP``, ``DESCRIPTION``, ``add_arguments``, ``run``, ``format_table``),
+all run by one handler.
+
 Heavy imports (torch) happen inside the subcommand, so ``--help`` is instant.
 """
 
@@ -23,35 +27,47 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from td3drive.app.arguments import positive_int
 
 if TYPE_CHECKING:
     from td3drive.contracts.config import LearnerConfig, TD3DriveConfig
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class _Bench(Protocol):
+    """What every module of :mod:`td3drive.bench` behind ``td3drive bench`` offers."""
+
+    HELP: str
+    DESCRIPTION: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(
+        self, args: argparse.Namespace, progress: Callable[[str], None] = ...
+    ) -> dict[str, Any]: ...
+
+    def format_table(self, report: dict[str, Any]) -> str: ...
 
 
-def _positive_int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        message = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _bench_modules() -> dict[str, _Bench]:
+    """``td3drive bench NAME`` -> its module, in the order ``--help`` lists them.
+
+    Their top-level imports are light (torch loads when a benchmark runs)."""
+    from td3drive.bench import learner, learning, pipeline, replay, rollout
+
+    return {
+        "learner": learner,
+        "replay": replay,
+        "pipeline": pipeline,
+        "rollout": rollout,
+        "learning": learning,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from td3drive.bench.learning import DEFAULT_VARIANTS, VARIANTS
-
     parser = argparse.ArgumentParser(
         prog="td3drive",
         description="Distributed TD3 from pixels on Ray: train, evaluate and benchmark "
@@ -65,327 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks print their figures and can write them as JSON.",
     )
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    learner = benches.add_parser(
-        "learner",
-        help="TD3 updates/s (separate and shared encoders) vs a plain-PyTorch reference loop, "
-        "with each speed option on and off",
-        description="Measures TD3Learner throughput for the 'separate' and 'shared' encoder "
-        "modes at each batch size, and in the same run a minimal TD3 loop in plain PyTorch "
-        "with the same networks (the bare fp32 reference). overhead_ratio = ours / reference "
-        "('separate', largest batch); 1.0 means the learner's validation, clipping and "
-        "metrics cost nothing. 'variants' adds one row per speed option (learner.channels_last, "
-        "fused_adam, amp_bf16, compile), one with all of them, and one of the per-update "
-        "metrics path, each as updates/s, x reference and x ours; a JSON report goes to stdout "
-        "and the table to stderr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    learner.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    learner.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="torch device"
-    )
-    learner.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        nargs="+",
-        default=[100, 256],
-        metavar="N",
-        help="batch sizes to measure",
-    )
-    learner.add_argument(
-        "--updates", type=_positive_int, default=32, help="timed updates per row and variant"
-    )
-    learner.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
-    learner.add_argument(
-        "--encoder",
-        nargs="+",
-        choices=("separate", "shared", "frozen"),
-        default=["separate", "shared"],
-        help="encoder modes to measure",
-    )
-    learner.add_argument(
-        "--options",
-        nargs="+",
-        metavar="OPTION",
-        default=["default"],
-        help="speed options with a row each: channels_last fused_adam amp_bf16 compile "
-        "compile_reduce_overhead; 'default' = channels_last fused_adam amp_bf16 (no "
-        "compilation), 'all' = every one, 'none' = no option rows. CUDA-only ones are listed "
-        "as skipped on a CPU",
-    )
-    learner.add_argument(
-        "--config",
-        type=Path,
-        metavar="YAML",
-        help="a run config: torch threads and updates per metrics fetch are taken from its "
-        "run.learner_torch_threads / learner_num_cpus and run.learner_updates_per_call "
-        "(default: those of the default config)",
-    )
-    learner.add_argument(
-        "--threads",
-        type=_positive_int,
-        help="torch intra-op threads (overrides --config; default: as the learner actor "
-        "would set them: run.learner_torch_threads, else learner_num_cpus rounded down)",
-    )
-    learner.add_argument(
-        "--fetch-every",
-        type=_positive_int,
-        help="updates between metric fetches of ours (overrides --config; default: "
-        "run.learner_updates_per_call)",
-    )
-    learner.set_defaults(handler=_bench_learner)
-
-    replay = benches.add_parser(
-        "replay",
-        help="replay shard memory, insert and sample speed vs a naive uint8 buffer and "
-        "the legacy sample path",
-        description="Fills one replay shard (compressed chunks, frames stored once) and a "
-        "naive buffer that stores obs and next_obs as uint8 arrays (SB3's "
-        "DictReplayBuffer layout) with the same transitions, and reports "
-        "bytes_per_transition, naive_bytes_per_transition, memory_ratio, "
-        "insert_transitions_per_s and sample_batches_per_s for both. On the same filled "
-        "shard it then compares the sample paths side by side: sample_paths lists "
-        "batches/s of the legacy path (per-row loop, decoding under the shard's lock) and "
-        "the gather path (each frame decoded once, outside the lock) for each number of "
-        "threads sampling at once and each decode pool size, with speedup_vs_legacy; "
-        "insert_while_sampling gives the insert rate of the full shard alone and while "
-        "one thread samples it flat out with each path (insert_rate_vs_alone); "
-        "compressed_shipping measures sending the frames compressed and decoding them at "
-        "the receiver (bytes_ratio, shard_batches_per_s, receiver_decode). "
-        "sample_batches_per_s is the gather path with 1 thread, "
-        "legacy_sample_batches_per_s the legacy one, sample_speedup their ratio.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    replay.add_argument(
-        "--source",
-        choices=("synthetic", "racetrack"),
-        default="synthetic",
-        help="frames: synthetic driving-like frames, or the embedded simulator's "
-        "(driven by the scripted lane follower with steering noise)",
-    )
-    replay.add_argument(
-        "--transitions", type=_positive_int, default=8192, help="transitions in each buffer"
-    )
-    replay.add_argument("--chunk-steps", type=_positive_int, default=64, help="steps per chunk")
-    replay.add_argument("--batch-size", type=_positive_int, default=256, help="sample size")
-    replay.add_argument(
-        "--sample-batches",
-        type=_positive_int,
-        default=40,
-        help="batches timed per sampling thread and row",
-    )
-    replay.add_argument(
-        "--sampler-threads",
-        type=_positive_int_list,
-        default=[1, 2],
-        metavar="N,M",
-        help="comma-separated counts of threads calling sample at once",
-    )
-    replay.add_argument(
-        "--decode-threads",
-        type=_positive_int_list,
-        default=[1, 2],
-        metavar="N,M",
-        help="comma-separated decode pool sizes of the gather path (1 = no pool)",
-    )
-    replay.add_argument(
-        "--insert-passes",
-        type=_positive_int,
-        default=2,
-        help="times every chunk is re-inserted into the full shard per insert-rate row",
-    )
-    replay.set_defaults(handler=_bench_replay)
-
-    pipeline = benches.add_parser(
-        "pipeline",
-        help="the learner's replay feed on Ray: batches/s vs shard count, learner wait share",
-        description="Fills S replay shards (Ray actors) with the same chunks, then a consumer "
-        "takes batches from the real ReplaySampler and only turns them into torch tensors "
-        "on --device. Per shard count, three samplers: size-then-sample (the baseline: "
-        "ask every shard its size, then sample, one batch in flight), pipelined (the "
-        "real ReplaySampler, decoded samples) and compressed (the real ReplaySampler "
-        "with replay.sample_transport compressed: frames travel LZ4-compressed and are "
-        "decoded by the sampler on --decode-threads threads). Each row: batches_per_s, "
-        "mb_per_s (bytes through Ray's object store), speedup_vs_baseline, "
-        "upload_ms_mean, and learner_wait_share: the share of its "
-        "time a learner at --learner-updates-per-s would wait for batches (measured by "
-        "a consumer that sleeps each update's time; learner_wait_share_estimate is "
-        "1 - batches_per_s / rate).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    pipeline.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    pipeline.add_argument(
-        "--shards",
-        type=_positive_int_list,
-        default=[1, 2],
-        metavar="N,M",
-        help="comma-separated shard counts",
-    )
-    pipeline.add_argument(
-        "--source",
-        choices=("synthetic", "racetrack"),
-        default="synthetic",
-        help="frames: synthetic driving-like frames, or the embedded simulator's "
-        "(as bench replay --source racetrack)",
-    )
-    pipeline.add_argument(
-        "--transitions",
-        type=_positive_int,
-        default=8192,
-        help="transitions per shard (every shard holds the same chunks)",
-    )
-    pipeline.add_argument("--chunk-steps", type=_positive_int, default=64, help="steps per chunk")
-    pipeline.add_argument("--batch-size", type=_positive_int, default=256, help="batch size")
-    pipeline.add_argument(
-        "--batches",
-        type=_positive_int,
-        default=100,
-        help="timed batches per shard count, sampler and mode (unpaced, paced)",
-    )
-    pipeline.add_argument(
-        "--warmup", type=int, default=5, help="untimed batches before each timing"
-    )
-    pipeline.add_argument(
-        "--prefetch", type=_positive_int, default=2, help="sampler prefetch depth"
-    )
-    pipeline.add_argument(
-        "--device", default="cpu", help="the learner's torch device (cpu, cuda, cuda:1, ...)"
-    )
-    pipeline.add_argument(
-        "--decode-threads",
-        type=_positive_int,
-        default=2,
-        help="the compressed sampler's decode threads (replay.sample_decode_threads)",
-    )
-    pipeline.add_argument(
-        "--learner-updates-per-s",
-        type=float,
-        default=500.0,
-        help="update rate of the learner whose waiting is measured, updates/s",
-    )
-    pipeline.set_defaults(handler=_bench_pipeline)
-
-    rollout = benches.add_parser(
-        "rollout",
-        help="env steps/s of 1 and N rollout workers on the embedded simulator",
-        description="Runs rollout workers as Ray actors (policy acting, chunks pushed to "
-        "replay shards) and reports env steps/s for each worker count, the scaling "
-        "efficiency aggregate / (N x single), the bare environment's steps/s as the "
-        "baseline, and the policy's inference latency at batch 1 on one thread.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    rollout.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    rollout.add_argument(
-        "--workers",
-        type=lambda text: [int(x) for x in text.split(",")],
-        default=[1, 2],
-        metavar="N,M",
-        help="comma-separated worker counts",
-    )
-    rollout.add_argument(
-        "--steps", type=_positive_int, default=400, help="timed env steps per worker"
-    )
-    rollout.set_defaults(handler=_bench_rollout)
-
-    class _LearningHelp(
-        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
-    ):
-        pass
-
-    learning = benches.add_parser(
-        "learning",
-        help="config variants (encoder modes) trained side by side over seeds, with the "
-        "median and spread of their evaluations",
-        description="""Trains each variant for seeds 0..K-1 (a full training run each) on
-the embedded simulator with the same base config and env-step budget, and
-evaluates the deterministic policy every --eval-every env steps and at the end,
-each time on --eval-episodes episodes with fixed seeds: episode i resets with
-run.eval_seed + 10000000 + i whatever the training seed, so every variant,
-seed and evaluation point drives the same episodes (runs[].eval_seeds in
-learning.json).
-
-Writes into --out: learning.md, a table of the median over seeds with the
-interquartile range [q25, q75] and the min-max, of each run's final evaluation
-(return, success %, route completion %, collision %, speed km/h) and of its
-mean return over the last 3 evaluations; the env steps and wall-clock seconds
-to the first evaluation with route completion >= 50% and >= 80% (median over
-the seeds that reached it, and e.g. "2/3 reached"); wall-clock s, updates/s,
-encoder change and actor saturation (min-max). Its header names the commit
-(git rev-parse HEAD, and whether the checkout was dirty), the config file and
-the sha256 of the resolved base config, the machine (platform, CPUs, torch
-version and threads) and whether the comparison meets the evidence standard
-(>= 3 seeds, >= 10 episodes per evaluation). learning.json holds all of it,
-per run and aggregated; learning.png plots the median curves with the min-max
-band (the IQR band from 5 seeds on).
-
-Results are written after every run ("complete": false until all ran). An
---out that already holds a comparison is refused unless --resume (reuse every
-run that completed, after checking that the base config, budget, evaluation
-settings, device and each run's resolved config match; an unfinished run is
-deleted and trained again from scratch) or --fresh (discard it first).
-
-Variants are overrides of base-config sections (then the bench sets the
-seeds, device, budget and evaluation settings):
-"""
-        + "\n".join(f"  {name}: {json.dumps(overrides)}" for name, overrides in VARIANTS.items()),
-        formatter_class=_LearningHelp,
-    )
-    learning.add_argument(
-        "--config",
-        type=Path,
-        default=Path("deploy/local.yaml"),
-        help="base configuration (the default run)",
-    )
-    learning.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
-    learning.add_argument(
-        "--env-steps",
-        type=_positive_int,
-        default=12000,
-        help="env-step budget per run (deploy/local.yaml's)",
-    )
-    learning.add_argument(
-        "--seeds",
-        type=_positive_int,
-        default=3,
-        help="seeds per variant (0..K-1); fewer than 3 is flagged below the evidence standard",
-    )
-    learning.add_argument(
-        "--eval-every", type=_positive_int, default=4000, help="env steps between evaluations"
-    )
-    learning.add_argument(
-        "--eval-episodes",
-        type=_positive_int,
-        default=10,
-        help="episodes per evaluation (run.eval_episodes of every run); fewer than 10 is "
-        "flagged below the evidence standard",
-    )
-    learning.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "auto"),
-        default="cpu",
-        help="learner.device of every run",
-    )
-    learning.add_argument(
-        "--variants",
-        default=",".join(DEFAULT_VARIANTS),
-        help="comma-separated variants from " + ",".join(VARIANTS) + " ('default' is the base "
-        "config unchanged; separate-relu-plain: the earlier NatureCNN ReLU output without "
-        "the pre-tanh penalty)",
-    )
-    learning.add_argument(
-        "--out", type=Path, default=Path("bench-results/learning"), help="output directory"
-    )
-    again = learning.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the comparison in --out: reuse its completed runs, retrain the rest "
-        "(refused when its settings differ)",
-    )
-    again.add_argument(
-        "--fresh", action="store_true", help="discard the comparison in --out and start over"
-    )
-    learning.set_defaults(handler=_bench_learning)
+    for name, module in _bench_modules().items():
+        formatter = getattr(module, "FORMATTER_CLASS", argparse.ArgumentDefaultsHelpFormatter)
+        sub = benches.add_parser(
+            name, help=module.HELP, description=module.DESCRIPTION, formatter_class=formatter
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(handler=_bench)
 
     sweep = commands.add_parser(
         "sweep",
@@ -457,7 +159,7 @@ seeds, device, budget and evaluation settings):
         "(config.yaml, checkpoints/, metrics.jsonl, eval and summary files, report/) first; "
         "other files are kept, and a directory that is not a td3drive run is never touched",
     )
-    train.add_argument("--total-env-steps", type=_positive_int, help="override run.total_env_steps")
+    train.add_argument("--total-env-steps", type=positive_int, help="override run.total_env_steps")
     train.add_argument(
         "--set",
         dest="overrides",
@@ -502,7 +204,7 @@ seeds, device, budget and evaluation settings):
         metavar="PATH",
         help="YAML run configuration to evaluate under, instead of the run's config.yaml",
     )
-    evaluate.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run")
+    evaluate.add_argument("--episodes", type=positive_int, default=10, help="episodes to run")
     evaluate.add_argument(
         "--env",
         metavar="ID",
@@ -530,7 +232,7 @@ seeds, device, budget and evaluation settings):
     )
     evaluate.add_argument(
         "--video-episodes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="record the first N episodes (the same seeds every evaluation, so clips of "
@@ -572,38 +274,6 @@ seeds, device, budget and evaluation settings):
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_carla_check)
     return parser
-
-
-def _bench_learning(args: argparse.Namespace) -> int:
-    from td3drive.bench.learning import run_learning_benchmark
-    from td3drive.contracts.config import ConfigError, load_config
-
-    try:
-        base = load_config(args.config)
-        report = run_learning_benchmark(
-            base,
-            args.out,
-            env_steps=args.env_steps,
-            seeds=args.seeds,
-            eval_every=args.eval_every,
-            device=args.device,
-            variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-            eval_episodes=args.eval_episodes,
-            config_path=args.config,
-            resume=args.resume,
-            fresh=args.fresh,
-        )
-    except (ConfigError, ValueError) as exc:
-        print(f"td3drive: error: {exc}", file=sys.stderr)
-        return 2
-    _emit(report, args.json)
-    print(
-        f"wrote {args.out / 'learning.md'}, {args.out / 'learning.json'} and "
-        f"{args.out / 'learning.png'}",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -903,114 +573,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _carla_check(args: argparse.Namespace) -> int:
-    from rollout_workers import carla_check
+    from rollout_workers.carla import check as carla_check
 
     argv = ["--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout)]
     return carla_check.main([*argv, "--json"] if args.json else argv)
 
 
-def _bench_rollout(args: argparse.Namespace) -> int:
-    from td3drive.bench.rollout import run_rollout_benchmark
-
+def _bench(args: argparse.Namespace) -> int:
+    """``td3drive bench NAME``: the module's ``run`` with progress lines (and
+    its table) on stderr, then the JSON report on stdout and in ``--json``.
+    A ``ValueError`` (bad options, an invalid config) is one error line, exit 2."""
+    module = _bench_modules()[args.bench]
     try:
-        report = run_rollout_benchmark(
-            workers=args.workers,
-            steps_per_worker=args.steps,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except ValueError as exc:
-        print(f"td3drive: error: {exc}", file=sys.stderr)
-        return 2
-    _emit(report, args.json)
-    return 0
-
-
-def _racetrack_transitions(count: int) -> list[Any]:
-    """``count`` transitions of the embedded simulator driven by the scripted
-    lane follower with N(0, 0.3) steering noise (long, varied episodes)."""
-
-    import gymnasium as gym
-    import numpy as np
-
-    import rollout_workers
-    from rollout_workers.scripted import lane_follower
-    from td3drive.contracts.spec import Transition
-
-    env = gym.make(rollout_workers.RACETRACK_ID)
-    rng = np.random.default_rng(0)
-    steps: list[Transition] = []
-    episode = 0
-    while len(steps) < count:
-        obs, _ = env.reset(seed=episode)
-        step = 0
-        while len(steps) < count:
-            action = lane_follower(obs["vector"])
-            action[0] = np.clip(action[0] + rng.normal(0, 0.3), -1, 1)
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            last = len(steps) == count - 1
-            steps.append(
-                Transition(
-                    obs,
-                    action,
-                    float(reward),
-                    next_obs,
-                    bool(terminated),
-                    bool(truncated or last),
-                    0,
-                    episode,
-                    step,
-                )
-            )
-            obs, step = next_obs, step + 1
-            if terminated or truncated:
-                break
-        episode += 1
-    env.close()
-    return steps
-
-
-def _bench_replay(args: argparse.Namespace) -> int:
-    from td3drive.bench.replay import run_replay_benchmark
-
-    try:
-        report = run_replay_benchmark(
-            transitions=args.transitions,
-            chunk_steps=args.chunk_steps,
-            batch_size=args.batch_size,
-            sample_batches=args.sample_batches,
-            source=args.source,
-            episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
-            sampler_threads=args.sampler_threads,
-            decode_threads=args.decode_threads,
-            insert_passes=args.insert_passes,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except ValueError as exc:
-        print(f"td3drive: error: {exc}", file=sys.stderr)
-        return 2
-    _emit(report, args.json)
-    return 0
-
-
-def _bench_pipeline(args: argparse.Namespace) -> int:
-    from td3drive.bench.pipeline import run_pipeline_benchmark
-
-    try:
-        report = run_pipeline_benchmark(
-            shard_counts=args.shards,
-            transitions_per_shard=args.transitions,
-            chunk_steps=args.chunk_steps,
-            batch_size=args.batch_size,
-            batches=args.batches,
-            warmup=args.warmup,
-            prefetch=args.prefetch,
-            device=args.device,
-            learner_updates_per_s=args.learner_updates_per_s,
-            decode_threads=args.decode_threads,
-            source=args.source,
-            episodes_source=_racetrack_transitions if args.source == "racetrack" else None,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        report = module.run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as exc:
         print(f"td3drive: error: {exc}", file=sys.stderr)
         return 2
@@ -1025,59 +600,6 @@ def _emit(report: dict, path: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
         print(f"wrote {path}", file=sys.stderr)
-
-
-def _bench_learner(args: argparse.Namespace) -> int:
-    from td3drive.bench.learner import (
-        DEFAULT_OPTIONS,
-        OPTIONS,
-        learner_torch_threads,
-        run_learner_benchmark,
-    )
-    from td3drive.contracts.config import RunConfig, load_config
-
-    options: list[str] = []
-    for name in args.options:
-        if name == "default":
-            options += DEFAULT_OPTIONS
-        elif name == "all":
-            options += OPTIONS
-        elif name != "none":
-            if name not in OPTIONS:
-                print(
-                    f"td3drive: error: unknown option {name!r}; choose from "
-                    f"{', '.join(OPTIONS)}, default, all, none",
-                    file=sys.stderr,
-                )
-                return 2
-            options.append(name)
-    options = list(dict.fromkeys(options))  # once each, in order
-    run = load_config(args.config).run if args.config else RunConfig()
-    threads = args.threads or learner_torch_threads(run)
-    fetch_every = args.fetch_every or run.learner_updates_per_call
-    rounds = min(16, args.updates)
-    print(
-        f"bench learner: device={args.device} batch sizes={args.batch_size} "
-        f"encoders={args.encoder} options={options or 'none'} torch threads={threads} "
-        f"fetch every {fetch_every} updates; updates={args.updates} per row and variant "
-        f"(interleaved in {rounds} rounds)",
-        file=sys.stderr,
-        flush=True,
-    )
-    report = run_learner_benchmark(
-        device=args.device,
-        batch_sizes=args.batch_size,
-        updates=args.updates,
-        warmup=args.warmup,
-        rounds=rounds,
-        encoders=args.encoder,
-        options=options,
-        fetch_every=fetch_every,
-        threads=threads,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    _emit(report, args.json)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,20 +25,24 @@ measures ours with DrQ random shift, to show what it costs.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from learner.td3 import TD3Learner, frozen_copy, resolve_device
-from td3drive.contracts.config import LearnerConfig, RunConfig
-from td3drive.contracts.networks import ActorHead, TwinQHead, encoder_for
+from td3drive.app.arguments import positive_int
+from td3drive.contracts.config import LearnerConfig, RunConfig, load_config
 from td3drive.contracts.spec import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM, Batch
+
+if TYPE_CHECKING:  # torch and the learner load when a benchmark runs: --help stays instant
+    import torch
+
+    from learner.td3 import TD3Learner
 
 Progress = Callable[[str], None]
 
@@ -51,6 +55,11 @@ class ReferenceTD3:
     """
 
     def __init__(self, config: LearnerConfig, device: torch.device) -> None:
+        import torch
+
+        from learner.td3 import frozen_copy
+        from td3drive.contracts.networks import ActorHead, TwinQHead, encoder_for
+
         self.config = config
         self.device = device
         self.separate = config.encoder == "separate"
@@ -84,6 +93,9 @@ class ReferenceTD3:
         self.step = 0
 
     def update(self, batch: Batch) -> None:
+        import torch
+        import torch.nn.functional as F
+
         cfg, dev = self.config, self.device
         obs = torch.from_numpy(batch.obs_image).to(dev, non_blocking=True)
         vec = torch.from_numpy(batch.obs_vector).to(dev, non_blocking=True)
@@ -170,6 +182,138 @@ def learner_torch_threads(run: RunConfig) -> int:
     return run.learner_torch_threads or max(1, int(run.learner_num_cpus))
 
 
+HELP = (
+    "TD3 updates/s (separate and shared encoders) vs a plain-PyTorch reference loop, "
+    "with each speed option on and off"
+)
+DESCRIPTION = (
+    "Measures TD3Learner throughput for the 'separate' and 'shared' encoder "
+    "modes at each batch size, and in the same run a minimal TD3 loop in plain PyTorch "
+    "with the same networks (the bare fp32 reference). overhead_ratio = ours / reference "
+    "('separate', largest batch); 1.0 means the learner's validation, clipping and "
+    "metrics cost nothing. 'variants' adds one row per speed option (learner.channels_last, "
+    "fused_adam, amp_bf16, compile), one with all of them, and one of the per-update "
+    "metrics path, each as updates/s, x reference and x ours; a JSON report goes to stdout "
+    "and the table to stderr."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``td3drive bench learner``."""
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="torch device"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        nargs="+",
+        default=[100, 256],
+        metavar="N",
+        help="batch sizes to measure",
+    )
+    parser.add_argument(
+        "--updates", type=positive_int, default=32, help="timed updates per row and variant"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
+    parser.add_argument(
+        "--encoder",
+        nargs="+",
+        choices=("separate", "shared", "frozen"),
+        default=["separate", "shared"],
+        help="encoder modes to measure",
+    )
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        metavar="OPTION",
+        default=["default"],
+        help="speed options with a row each: channels_last fused_adam amp_bf16 compile "
+        "compile_reduce_overhead; 'default' = channels_last fused_adam amp_bf16 (no "
+        "compilation), 'all' = every one, 'none' = no option rows. CUDA-only ones are listed "
+        "as skipped on a CPU",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="YAML",
+        help="a run config: torch threads and updates per metrics fetch are taken from its "
+        "run.learner_torch_threads / learner_num_cpus and run.learner_updates_per_call "
+        "(default: those of the default config)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch intra-op threads (overrides --config; default: as the learner actor "
+        "would set them: run.learner_torch_threads, else learner_num_cpus rounded down)",
+    )
+    parser.add_argument(
+        "--fetch-every",
+        type=positive_int,
+        help="updates between metric fetches of ours (overrides --config; default: "
+        "run.learner_updates_per_call)",
+    )
+
+
+def expand_options(names: Sequence[str]) -> list[str]:
+    """``--options`` as keys of :data:`OPTIONS`, once each, in order:
+    ``default`` stands for :data:`DEFAULT_OPTIONS`, ``all`` for every one,
+    ``none`` for none.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    options: list[str] = []
+    for name in names:
+        if name == "default":
+            options += DEFAULT_OPTIONS
+        elif name == "all":
+            options += OPTIONS
+        elif name != "none":
+            if name not in OPTIONS:
+                raise ValueError(
+                    f"unknown option {name!r}; choose from {', '.join(OPTIONS)}, default, all, none"
+                )
+            options.append(name)
+    return list(dict.fromkeys(options))
+
+
+def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
+    """:func:`run_learner_benchmark` with the options of :func:`add_arguments`:
+    torch threads and updates per metrics fetch from ``--config`` (or the
+    default config) unless given, the timed updates interleaved in
+    ``min(16, --updates)`` rounds; a first progress line states the settings.
+
+    Raises:
+        ValueError: an unknown ``--options`` name; as :func:`run_learner_benchmark`.
+        td3drive.contracts.config.ConfigError: an invalid ``--config`` (a ``ValueError``).
+        RuntimeError: ``--device cuda`` without a GPU.
+    """
+    options = expand_options(args.options)
+    run_config = load_config(args.config).run if args.config else RunConfig()
+    threads = args.threads or learner_torch_threads(run_config)
+    fetch_every = args.fetch_every or run_config.learner_updates_per_call
+    rounds = min(16, args.updates)
+    progress(
+        f"bench learner: device={args.device} batch sizes={args.batch_size} "
+        f"encoders={args.encoder} options={options or 'none'} torch threads={threads} "
+        f"fetch every {fetch_every} updates; updates={args.updates} per row and variant "
+        f"(interleaved in {rounds} rounds)"
+    )
+    return run_learner_benchmark(
+        device=args.device,
+        batch_sizes=args.batch_size,
+        updates=args.updates,
+        warmup=args.warmup,
+        rounds=rounds,
+        encoders=args.encoder,
+        options=options,
+        fetch_every=fetch_every,
+        threads=threads,
+        progress=progress,
+    )
+
+
 class _Variant:
     """One benchmarked update loop: a name, the options it sets, and a step."""
 
@@ -202,6 +346,8 @@ def _deferred_step(learner: TD3Learner, fetch_every: int) -> Callable[[Batch], N
 def _timed(
     update: Callable[[Batch], Any], batches: Sequence[Batch], n: int, device: torch.device
 ) -> float:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -227,6 +373,8 @@ def _variants(
 ) -> tuple[list[_Variant], list[dict[str, Any]]]:
     """The variants of one (encoder, batch size) row, and the option rows
     skipped on this device (``{"variant", "options", "skipped"}``)."""
+    from learner.td3 import TD3Learner
+
     variants = [
         _Variant("reference", {}, ReferenceTD3(config, device).update, warmup),
         _Variant("ours_fetch_every_update", {}, TD3Learner(config, device=device).update, warmup),
@@ -307,6 +455,10 @@ def run_learner_benchmark(
         RuntimeError: ``device="cuda"`` without a GPU.
         ValueError: ``updates < rounds``, an unknown option, ``fetch_every < 1``.
     """
+    import torch
+
+    from learner.td3 import resolve_device
+
     if updates < rounds:
         raise ValueError(f"updates ({updates}) must be at least rounds ({rounds})")
     unknown = sorted(set(options) - set(OPTIONS))
@@ -339,6 +491,10 @@ def _run(
     fetch_every: int,
     progress: Progress,
 ) -> dict[str, Any]:
+    import torch
+
+    from learner.td3 import TD3Learner
+
     per_round = [updates // rounds + (1 if i < updates % rounds else 0) for i in range(rounds)]
     results: list[dict[str, Any]] = []
     reference: list[dict[str, Any]] = []
@@ -410,8 +566,6 @@ def _run(
         progress(
             f"separate batch {largest:>4} + random shift pad 4: {updates / seconds:7.2f} updates/s"
         )
-    for line in format_table(rows):
-        progress(line)
 
     def rate(found: list[dict[str, Any]], encoder: str) -> float | None:
         for r in found:
@@ -421,7 +575,7 @@ def _run(
 
     headline = "separate" if "separate" in encoders else encoders[0]
     ours_rate, ref_rate = rate(results, headline), rate(reference, headline)
-    return {
+    report = {
         "benchmark": "learner",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(dev),
@@ -451,11 +605,15 @@ def _run(
             ),
         },
     }
+    for line in format_table(report).splitlines():
+        progress(line)
+    return report
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The ``variants`` of a report as aligned text lines: encoder, batch,
+def format_table(report: Mapping[str, Any]) -> str:
+    """The ``variants`` of a report as an aligned text table: encoder, batch,
     variant, updates/s, × reference, × ours (or why a row has no figure)."""
+    rows: Sequence[Mapping[str, Any]] = report["variants"]
     lines = [
         f"{'encoder':>8} {'batch':>5}  {'variant':<24} {'updates/s':>10} "
         f"{'x reference':>11} {'x ours':>7}"
@@ -469,4 +627,4 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         else:
             why = r.get("skipped") or r.get("error")
             lines.append(f"{lead} {'skipped' if 'skipped' in r else 'error'}: {why}")
-    return lines
+    return "\n".join(lines)

@@ -64,6 +64,7 @@ plus ``bench_provenance.json``: the commit and machine that trained it).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -78,8 +79,9 @@ from typing import Any
 
 import numpy as np
 
+from td3drive.app.arguments import positive_int
 from td3drive.app.report import flatten
-from td3drive.contracts.config import TD3DriveConfig, config_from_dict
+from td3drive.contracts.config import TD3DriveConfig, config_from_dict, load_config
 
 Progress = Callable[[str], None]
 
@@ -157,6 +159,144 @@ FINGERPRINT_KEYS = (
 
 class ComparisonMismatchError(ValueError):
     """``out_dir`` holds a comparison the requested one must not mix with."""
+
+
+# ------------------------------------------------------------ the command
+HELP = (
+    "config variants (encoder modes) trained side by side over seeds, with the "
+    "median and spread of their evaluations"
+)
+DESCRIPTION = """Trains each variant for seeds 0..K-1 (a full training run each) on
+the embedded simulator with the same base config and env-step budget, and
+evaluates the deterministic policy every --eval-every env steps and at the end,
+each time on --eval-episodes episodes with fixed seeds: episode i resets with
+run.eval_seed + 10000000 + i whatever the training seed, so every variant,
+seed and evaluation point drives the same episodes (runs[].eval_seeds in
+learning.json).
+
+Writes into --out: learning.md, a table of the median over seeds with the
+interquartile range [q25, q75] and the min-max, of each run's final evaluation
+(return, success %, route completion %, collision %, speed km/h) and of its
+mean return over the last 3 evaluations; the env steps and wall-clock seconds
+to the first evaluation with route completion >= 50% and >= 80% (median over
+the seeds that reached it, and e.g. "2/3 reached"); wall-clock s, updates/s,
+encoder change and actor saturation (min-max). Its header names the commit
+(git rev-parse HEAD, and whether the checkout was dirty), the config file and
+the sha256 of the resolved base config, the machine (platform, CPUs, torch
+version and threads) and whether the comparison meets the evidence standard
+(>= 3 seeds, >= 10 episodes per evaluation). learning.json holds all of it,
+per run and aggregated; learning.png plots the median curves with the min-max
+band (the IQR band from 5 seeds on).
+
+Results are written after every run ("complete": false until all ran). An
+--out that already holds a comparison is refused unless --resume (reuse every
+run that completed, after checking that the base config, budget, evaluation
+settings, device and each run's resolved config match; an unfinished run is
+deleted and trained again from scratch) or --fresh (discard it first).
+
+Variants are overrides of base-config sections (then the bench sets the
+seeds, device, budget and evaluation settings):
+""" + "\n".join(f"  {name}: {json.dumps(overrides)}" for name, overrides in VARIANTS.items())
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """:data:`DESCRIPTION` as written (paragraphs, one variant a line), defaults shown."""
+
+
+FORMATTER_CLASS: type[argparse.HelpFormatter] = _HelpFormatter
+"""The subcommand's help formatter (the other benches use argparse's
+``ArgumentDefaultsHelpFormatter``, which rewraps their one-paragraph descriptions)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``td3drive bench learning``."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("deploy/local.yaml"),
+        help="base configuration (the default run)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
+    parser.add_argument(
+        "--env-steps",
+        type=positive_int,
+        default=12000,
+        help="env-step budget per run (deploy/local.yaml's)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=3,
+        help="seeds per variant (0..K-1); fewer than 3 is flagged below the evidence standard",
+    )
+    parser.add_argument(
+        "--eval-every", type=positive_int, default=4000, help="env steps between evaluations"
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=positive_int,
+        default=10,
+        help="episodes per evaluation (run.eval_episodes of every run); fewer than 10 is "
+        "flagged below the evidence standard",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="learner.device of every run",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated variants from " + ",".join(VARIANTS) + " ('default' is the base "
+        "config unchanged; separate-relu-plain: the earlier NatureCNN ReLU output without "
+        "the pre-tanh penalty)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results/learning"), help="output directory"
+    )
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the comparison in --out: reuse its completed runs, retrain the rest "
+        "(refused when its settings differ)",
+    )
+    again.add_argument(
+        "--fresh", action="store_true", help="discard the comparison in --out and start over"
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
+    """:func:`run_learning_benchmark` on the ``--config`` file with the options
+    of :func:`add_arguments`; a last progress line names the files written.
+
+    Raises:
+        ValueError: as :func:`run_learning_benchmark`;
+            :class:`td3drive.contracts.config.ConfigError` (a ``ValueError``)
+            for an invalid ``--config``.
+        OSError: a ``--config`` that cannot be read.
+    """
+    base = load_config(args.config)
+    report = run_learning_benchmark(
+        base,
+        args.out,
+        env_steps=args.env_steps,
+        seeds=args.seeds,
+        eval_every=args.eval_every,
+        device=args.device,
+        variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+        progress=progress,
+        eval_episodes=args.eval_episodes,
+        config_path=args.config,
+        resume=args.resume,
+        fresh=args.fresh,
+    )
+    progress(
+        f"wrote {args.out / 'learning.md'}, {args.out / 'learning.json'} and "
+        f"{args.out / 'learning.png'}"
+    )
+    return report
 
 
 # ----------------------------------------------------------------- configs
@@ -838,6 +978,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"| {_span([r.get('actor_saturation') for r in runs], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+format_table = markdown_table
+"""The bench modules' common name for the printer (here ``learning.md``'s text)."""
 
 
 def plot_curves(report: Mapping[str, Any], path: Path) -> Path:

@@ -30,6 +30,7 @@ is the same from the unpaced rate.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -38,17 +39,108 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from td3drive.bench.replay import encode_chunks, make_transitions
+from td3drive.app.arguments import positive_int, positive_int_list
+from td3drive.bench.sources import SOURCES, encode_chunks, episodes_source_for, make_transitions
 from td3drive.contracts.spec import Transition
 
 Progress = Callable[[str], None]
 
 SAMPLERS = ("size-then-sample", "pipelined", "compressed")
 BASELINE = "size-then-sample"
+
+HELP = "the learner's replay feed on Ray: batches/s vs shard count, learner wait share"
+DESCRIPTION = (
+    "Fills S replay shards (Ray actors) with the same chunks, then a consumer "
+    "takes batches from the real ReplaySampler and only turns them into torch tensors "
+    "on --device. Per shard count, three samplers: size-then-sample (the baseline: "
+    "ask every shard its size, then sample, one batch in flight), pipelined (the "
+    "real ReplaySampler, decoded samples) and compressed (the real ReplaySampler "
+    "with replay.sample_transport compressed: frames travel LZ4-compressed and are "
+    "decoded by the sampler on --decode-threads threads). Each row: batches_per_s, "
+    "mb_per_s (bytes through Ray's object store), speedup_vs_baseline, "
+    "upload_ms_mean, and learner_wait_share: the share of its "
+    "time a learner at --learner-updates-per-s would wait for batches (measured by "
+    "a consumer that sleeps each update's time; learner_wait_share_estimate is "
+    "1 - batches_per_s / rate)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``td3drive bench pipeline``."""
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--shards",
+        type=positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated shard counts",
+    )
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="synthetic",
+        help="frames: synthetic driving-like frames, or the embedded simulator's "
+        "(as bench replay --source racetrack)",
+    )
+    parser.add_argument(
+        "--transitions",
+        type=positive_int,
+        default=8192,
+        help="transitions per shard (every shard holds the same chunks)",
+    )
+    parser.add_argument("--chunk-steps", type=positive_int, default=64, help="steps per chunk")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="batch size")
+    parser.add_argument(
+        "--batches",
+        type=positive_int,
+        default=100,
+        help="timed batches per shard count, sampler and mode (unpaced, paced)",
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches before each timing")
+    parser.add_argument("--prefetch", type=positive_int, default=2, help="sampler prefetch depth")
+    parser.add_argument(
+        "--device", default="cpu", help="the learner's torch device (cpu, cuda, cuda:1, ...)"
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=positive_int,
+        default=2,
+        help="the compressed sampler's decode threads (replay.sample_decode_threads)",
+    )
+    parser.add_argument(
+        "--learner-updates-per-s",
+        type=float,
+        default=500.0,
+        help="update rate of the learner whose waiting is measured, updates/s",
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
+    """:func:`run_pipeline_benchmark` with the options of :func:`add_arguments`.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`run_pipeline_benchmark`.
+    """
+    return run_pipeline_benchmark(
+        shard_counts=args.shards,
+        transitions_per_shard=args.transitions,
+        chunk_steps=args.chunk_steps,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        warmup=args.warmup,
+        prefetch=args.prefetch,
+        device=args.device,
+        learner_updates_per_s=args.learner_updates_per_s,
+        decode_threads=args.decode_threads,
+        source=args.source,
+        episodes_source=episodes_source_for(args.source),
+        progress=progress,
+    )
 
 
 def run_pipeline_benchmark(

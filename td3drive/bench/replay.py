@@ -13,33 +13,132 @@ decoding under the lock) and of the gather path (ids under the lock, each
 frame decoded once outside it), with 1 and 2 threads calling ``sample`` at
 once as a Ray shard's ``sample`` group does; then the insert rate of the full
 shard (each insert evicts a chunk) alone and while one thread samples it as
-fast as it can with each path. Last, the alternative of shipping a sample's
-frames compressed (each distinct frame once) and decoding them where the batch
-is used: the shard's cost, the bytes against the decoded batch's, and the
-receiver's decoding rate with each decode pool size. Every figure comes from the same run and
-process, so their ratios hold on the machine that ran it.
+fast as it can with each path, and with ``sample_compressed`` (what the shard
+does under ``replay.sample_transport: compressed``: ids drawn under the lock,
+the compressed frames joined, nothing decoded in the shard). Last, the
+alternative of shipping a sample's frames compressed (each distinct frame
+once) and decoding them where the batch is used: the shard's cost, the bytes
+against the decoded batch's, and the receiver's decoding rate with each decode
+pool size. Every figure comes from the same run and process, so their ratios
+hold on the machine that ran it.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import platform
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from buffer_service.shard import ReplayShard
-from td3drive.bench.synthetic import SyntheticEpisode, chunked
+from td3drive.app.arguments import positive_int, positive_int_list
+from td3drive.bench.sources import SOURCES, encode_chunks, episodes_source_for, make_transitions
 from td3drive.contracts import spec
-from td3drive.contracts.codec import encode, payload_steps
+from td3drive.contracts.codec import payload_steps
 from td3drive.contracts.config import ReplayConfig
 from td3drive.contracts.spec import Batch, Transition
 
 Progress = Callable[[str], None]
+
+INSERT_SAMPLING = (None, "legacy", "gather", "compressed")
+"""The ``insert_while_sampling`` rows: no sampler, then one thread sampling
+flat out with ``ReplayShard._sample_legacy``, ``sample`` (the gather path) or
+``sample_compressed`` (``replay.sample_transport: compressed``)."""
+
+HELP = (
+    "replay shard memory, insert and sample speed vs a naive uint8 buffer and "
+    "the legacy sample path"
+)
+DESCRIPTION = (
+    "Fills one replay shard (compressed chunks, frames stored once) and a "
+    "naive buffer that stores obs and next_obs as uint8 arrays (SB3's "
+    "DictReplayBuffer layout) with the same transitions, and reports "
+    "bytes_per_transition, naive_bytes_per_transition, memory_ratio, "
+    "insert_transitions_per_s and sample_batches_per_s for both. On the same filled "
+    "shard it then compares the sample paths side by side: sample_paths lists "
+    "batches/s of the legacy path (per-row loop, decoding under the shard's lock) and "
+    "the gather path (each frame decoded once, outside the lock) for each number of "
+    "threads sampling at once and each decode pool size, with speedup_vs_legacy; "
+    "insert_while_sampling gives the insert rate of the full shard alone and while "
+    "one thread samples it flat out with each path and with sample_compressed "
+    "(sampling 'compressed': what a shard does under replay.sample_transport "
+    "compressed, draw under the lock and join the compressed frames, no decoding), "
+    "with insert_rate_vs_alone; "
+    "compressed_shipping measures sending the frames compressed and decoding them at "
+    "the receiver (bytes_ratio, shard_batches_per_s, receiver_decode). "
+    "sample_batches_per_s is the gather path with 1 thread, "
+    "legacy_sample_batches_per_s the legacy one, sample_speedup their ratio."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``td3drive bench replay``."""
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="synthetic",
+        help="frames: synthetic driving-like frames, or the embedded simulator's "
+        "(driven by the scripted lane follower with steering noise)",
+    )
+    parser.add_argument(
+        "--transitions", type=positive_int, default=8192, help="transitions in each buffer"
+    )
+    parser.add_argument("--chunk-steps", type=positive_int, default=64, help="steps per chunk")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="sample size")
+    parser.add_argument(
+        "--sample-batches",
+        type=positive_int,
+        default=40,
+        help="batches timed per sampling thread and row",
+    )
+    parser.add_argument(
+        "--sampler-threads",
+        type=positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated counts of threads calling sample at once",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=positive_int_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated decode pool sizes of the gather path (1 = no pool)",
+    )
+    parser.add_argument(
+        "--insert-passes",
+        type=positive_int,
+        default=2,
+        help="times every chunk is re-inserted into the full shard per insert-rate row",
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
+    """:func:`run_replay_benchmark` with the options of :func:`add_arguments`.
+
+    Raises:
+        ValueError: as :func:`run_replay_benchmark`.
+    """
+    return run_replay_benchmark(
+        transitions=args.transitions,
+        chunk_steps=args.chunk_steps,
+        batch_size=args.batch_size,
+        sample_batches=args.sample_batches,
+        source=args.source,
+        episodes_source=episodes_source_for(args.source),
+        sampler_threads=args.sampler_threads,
+        decode_threads=args.decode_threads,
+        insert_passes=args.insert_passes,
+        progress=progress,
+    )
 
 
 class NaiveReplay:
@@ -96,61 +195,6 @@ class NaiveReplay:
         )
 
 
-def make_transitions(
-    transitions: int,
-    episode_length: int = 512,
-    source: str = "synthetic",
-    episodes_source: Callable[[int], list[Transition]] | None = None,
-    progress: Progress = print,
-) -> tuple[list[Transition], str]:
-    """The transitions a benchmark fills its buffers with, and a note on their origin.
-
-    Args:
-        transitions: how many.
-        episode_length: steps per synthetic episode (each ends truncated).
-        source: a name for the frames' origin.
-        episodes_source: returns that many consecutive transitions (whole
-            episodes, steps numbered from 0); ``None`` = synthetic frames.
-
-    Returns:
-        ``(transitions, source_note)``; episodes follow each other, each
-        starting at step 0.
-
-    Raises:
-        ValueError: a source other than ``"synthetic"`` without ``episodes_source``.
-    """
-    if episodes_source is None:
-        if source != "synthetic":
-            raise ValueError(f"source {source!r} needs episodes_source")
-        progress(f"generating {transitions} synthetic transitions (driving-like frames)")
-        rng = np.random.default_rng(0)
-        steps: list[Transition] = []
-        episode = 0
-        while len(steps) < transitions:
-            length = min(episode_length, transitions - len(steps))
-            steps += SyntheticEpisode(rng, episode, length, "truncated").transitions()
-            episode += 1
-        note = "synthetic driving-like frames (scrolling road texture, ~1.2 KB per LZ4 frame)"
-        return steps, note
-    progress(f"collecting {transitions} transitions from {source}")
-    return episodes_source(transitions), f"frames from the simulator ({source})"
-
-
-def split_episodes(steps: list[Transition]) -> list[list[Transition]]:
-    """Consecutive transitions cut where a step numbered 0 starts an episode."""
-    episodes: list[list[Transition]] = []
-    for step in steps:
-        if step.step == 0 or not episodes:
-            episodes.append([])
-        episodes[-1].append(step)
-    return episodes
-
-
-def encode_chunks(steps: list[Transition], chunk_steps: int) -> list[bytes]:
-    """The payloads of ``steps`` cut into episodes, then chunks of ``chunk_steps``."""
-    return [encode(c) for ep in split_episodes(steps) for c in chunked(ep, chunk_steps)]
-
-
 def run_replay_benchmark(
     transitions: int = 8192,
     chunk_steps: int = 64,
@@ -166,7 +210,8 @@ def run_replay_benchmark(
 ) -> dict[str, Any]:
     """Fill one shard and one naive buffer with the same transitions; measure
     bytes per transition, insert and sample throughput; compare the legacy and
-    gather sample paths and the insert rate with and without sampling.
+    gather sample paths and the insert rate with and without sampling (legacy,
+    gather or compressed: :data:`INSERT_SAMPLING`).
 
     Args:
         transitions: transitions to insert into each (the shard's capacity).
@@ -183,7 +228,7 @@ def run_replay_benchmark(
             for each insert-rate row.
 
     Returns:
-        The JSON document (keys in the CLI's help).
+        The JSON document (its keys in :data:`DESCRIPTION`).
 
     Raises:
         ValueError: a source other than ``"synthetic"`` without
@@ -286,7 +331,7 @@ def run_replay_benchmark(
     progress(f"sample batch {batch_size}: naive {naive_rate:.1f} batches/s")
 
     inserts: list[dict[str, Any]] = []
-    for sampling in (None, "legacy", "gather"):
+    for sampling in INSERT_SAMPLING:
         row = _insert_rate(shard, payloads * insert_passes, sampling, batch_size)
         inserts.append(row)
     alone = inserts[0]["insert_transitions_per_s"]
@@ -397,8 +442,13 @@ def _insert_rate(
     shard: ReplayShard, payloads: list[bytes], sampling: str | None, batch_size: int
 ) -> dict[str, Any]:
     """Insert ``payloads`` into the (full) shard, timed, while one thread
-    samples it in a loop with ``sampling`` (``None``: no sampling)."""
-    sample_once = shard._sample_legacy if sampling == "legacy" else shard.sample
+    samples it in a loop with ``sampling`` (one of :data:`INSERT_SAMPLING`;
+    ``None``: no sampling)."""
+    sample_once: Callable[[int], object] = shard.sample
+    if sampling == "legacy":
+        sample_once = shard._sample_legacy
+    elif sampling == "compressed":
+        sample_once = shard.sample_compressed
     stop = threading.Event()
     sampled = [0]
     errors: list[BaseException] = []

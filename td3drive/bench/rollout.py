@@ -12,21 +12,59 @@ chunking or Ray.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
-import torch
+
+from td3drive.app.arguments import positive_int
 
 Progress = Callable[[str], None]
 
+HELP = "env steps/s of 1 and N rollout workers on the embedded simulator"
+DESCRIPTION = (
+    "Runs rollout workers as Ray actors (policy acting, chunks pushed to "
+    "replay shards) and reports env steps/s for each worker count, the scaling "
+    "efficiency aggregate / (N x single), the bare environment's steps/s as the "
+    "baseline, and the policy's inference latency at batch 1 on one thread."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``td3drive bench rollout``."""
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1, 2],
+        metavar="N,M",
+        help="comma-separated worker counts",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=400, help="timed env steps per worker"
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
+    """:func:`run_rollout_benchmark` with the options of :func:`add_arguments`.
+
+    Raises:
+        ValueError: as :func:`run_rollout_benchmark`.
+    """
+    return run_rollout_benchmark(
+        workers=args.workers, steps_per_worker=args.steps, progress=progress
+    )
+
 
 def _bare_env_steps_per_s(env_id: str, steps: int) -> float:
+    import gymnasium as gym
+
     import rollout_workers  # noqa: F401  (registers the environments)
 
     env = gym.make(env_id)
@@ -44,6 +82,8 @@ def _bare_env_steps_per_s(env_id: str, steps: int) -> float:
 
 
 def _inference_latency_ms(repeats: int = 200) -> dict[str, float]:
+    import torch
+
     from td3drive.contracts.config import LearnerConfig
     from td3drive.contracts.networks import policy_for
 
@@ -156,7 +196,7 @@ def run_rollout_benchmark(
         row["scaling_efficiency"] = (
             row["aggregate_steps_per_s"] / (row["workers"] * single) if single else None
         )
-    return {
+    report = {
         "benchmark": "rollout",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "env_id": env_id,
@@ -166,3 +206,28 @@ def run_rollout_benchmark(
         "inference_latency_ms": latency,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
+    progress(format_table(report))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The rows of a ``bench rollout`` report as a text table: per worker
+    count, aggregate and mean per-worker env steps/s, the scaling efficiency
+    and the aggregate against the bare environment (the baseline)."""
+    bare = report["bare_env_steps_per_s"]
+    latency = report["inference_latency_ms"]
+    lines = [
+        f"rollout on {report['env_id']}, {report['steps_per_worker']} env steps per worker; "
+        f"bare env {bare:.0f} steps/s, policy inference {latency['mean']:.2f} ms at batch 1",
+        f"{'workers':>7} {'steps/s':>9} {'per worker':>10} {'scaling':>8} {'vs bare env':>11}",
+    ]
+    for row in report["results"]:
+        per_worker = row["per_worker_steps_per_s"]
+        mean = sum(per_worker) / len(per_worker) if per_worker else float("nan")
+        scaling = row["scaling_efficiency"]
+        lines.append(
+            f"{row['workers']:>7} {row['aggregate_steps_per_s']:>9.0f} {mean:>10.0f} "
+            + (f"{scaling:>7.2f}x" if scaling is not None else f"{'-':>8}")
+            + f" {row['aggregate_steps_per_s'] / bare:>10.2f}x"
+        )
+    return "\n".join(lines)
