@@ -29,7 +29,7 @@ weight change once. :meth:`TD3Learner.update` is the two together (one update,
 its metrics). The NaN/inf guard (:class:`NonFiniteLossError`) has two forms:
 
 * default (``fused_adam: false``): before each optimizer step the loss and the
-  gradient norm are read on the host (one sync per step, as before issue 13;
+  gradient norm are read on the host (one sync per step, the original update's way;
   free on a CPU, where every op is synchronous anyway). The error is raised
   before the step; nothing of it is applied.
 * ``fused_adam: true``: the check runs on the device. A non-finite loss or

@@ -1,9 +1,9 @@
-"""The learner's speed work (issue 13): deferred metrics, the device-side
+"""The learner's speed work: deferred metrics, the device-side
 NaN/inf guard, the speed options, the learner actor's train loop and the
 benchmark.
 
-* With every option off the update is bit-identical to the update of before
-  issue 13 (:func:`legacy_update`, a frozen copy of it), and
+* With every option off the update is bit-identical to the original update
+  (:func:`legacy_update`, a frozen copy of it), and
   ``update_deferred`` + ``fetch_metrics`` is bit-identical to ``update``.
 * Under ``fused_adam`` a NaN/inf step is skipped on the device and raised at
   the fetch: no NaN reaches the weights, the Adam state or the targets.
@@ -106,7 +106,7 @@ def all_finite(learner: TD3Learner) -> bool:
 
 # ----------------------------------------------------- the update of before
 def legacy_update(learner: TD3Learner, batch: Batch) -> dict[str, float]:
-    """``TD3Learner.update`` as it was before issue 13 (commit f2ab615), on a
+    """``TD3Learner.update`` before the speed work (commit f2ab615), on a
     learner's networks, optimizers and generator: a host check and a host
     clipping decision per optimizer step, metrics fetched per update."""
     cfg = learner.config

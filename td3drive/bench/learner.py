@@ -8,7 +8,7 @@ validation, no gradient clipping or norm measurement, no NaN checks, no
 metrics. Every variant of ours runs as the learner actor runs it
 (:meth:`TD3Learner.update_deferred`, metrics fetched every ``fetch_every``
 updates), plus one row of the per-update path (:meth:`TD3Learner.update`,
-metrics fetched after every update, as before issue 13). Option rows turn on
+metrics fetched after every update, the original update's way). Option rows turn on
 one :class:`td3drive.contracts.config.LearnerConfig` speed option each (``OPTIONS``);
 the ``all`` row turns on every selected one the device supports, and
 ``all_but_compile`` the same without ``torch.compile``.

@@ -108,7 +108,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "learner": {"encoder": "frozen", "random_shift_pad": 0, "encoder_lr": None},
         "task": {"observation_vector": "speed_only"},
     },
-    # deploy/local.yaml before issue 10's changes, for reference: batch 64 at
+    # deploy/local.yaml before the learning comparison of 2026-12-01, for reference: batch 64 at
     # replay ratio 16 (one update per 4 env steps), 1-step returns, gamma
     # 0.99, tau 0.005, uniform random warm-up of 250 steps per worker,
     # highway-env's +-45 deg steering.

@@ -1,5 +1,5 @@
 """``td3drive bench replay``: a shard's memory and speed against a naive buffer,
-and its sample path against the issue-11 one.
+and its sample path against the original per-row one.
 
 The memory baseline stores obs and next_obs as uint8 arrays, one row per
 transition, as SB3's ``DictReplayBuffer`` does (with
