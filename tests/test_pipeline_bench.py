@@ -119,6 +119,13 @@ def test_bench_replay_reports_both_sample_paths_and_inserts_while_sampling() -> 
     compressed = next(r for r in inserts if r["sampling"] == "compressed")
     assert compressed["insert_transitions_per_s"] > 0 and compressed["sample_batches_per_s"] > 0
     assert compressed["insert_rate_vs_alone"] > 0
+    for row in inserts:
+        assert row["insert_transitions_per_s"] == pytest.approx(
+            row["inserted_transitions"] / row["insert_seconds"]
+        )
+        # Unlimited here: every row inserts every chunk once.
+        assert not row["time_limited"] and row["inserted_transitions"] == 256
+
     shipping = report["compressed_shipping"]
     assert shipping["bytes_ratio"] == pytest.approx(
         shipping["raw_bytes_per_batch"] / shipping["bytes_per_batch"]
@@ -127,3 +134,22 @@ def test_bench_replay_reports_both_sample_paths_and_inserts_while_sampling() -> 
     assert [r["decode_threads"] for r in shipping["receiver_decode"]] == [1, 2]
     assert "vs legacy" in lines[-1]  # the table
     json.dumps(report)
+
+
+def test_bench_replay_insert_rows_stop_at_their_time_limit() -> None:
+    # A limit below one insert's time: each row inserts exactly one chunk and
+    # says it stopped early (the legacy row would otherwise crawl for minutes
+    # at full size).
+    report = run_replay_benchmark(
+        transitions=256,
+        chunk_steps=32,
+        batch_size=16,
+        sample_batches=1,
+        sampler_threads=[1],
+        decode_threads=[1],
+        insert_passes=2,
+        insert_time_limit_s=1e-9,
+        progress=lambda line: None,
+    )
+    for row in report["insert_while_sampling"]:
+        assert row["time_limited"] and row["inserted_transitions"] == 32

@@ -119,6 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="times every chunk is re-inserted into the full shard per insert-rate row",
     )
+    parser.add_argument(
+        "--insert-time-limit-s",
+        type=float,
+        default=60.0,
+        help="an insert-rate row stops inserting after this many seconds (the original "
+        "sample path holds the shard's lock almost all the time, so inserts beside it "
+        "crawl); the row reports the rate of what it inserted",
+    )
 
 
 def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace, progress: Progress = print) -> dict[str, Any]:
         sampler_threads=args.sampler_threads,
         decode_threads=args.decode_threads,
         insert_passes=args.insert_passes,
+        insert_time_limit_s=args.insert_time_limit_s,
         progress=progress,
     )
 
@@ -206,6 +215,7 @@ def run_replay_benchmark(
     sampler_threads: Sequence[int] = (1, 2),
     decode_threads: Sequence[int] = (1, 2),
     insert_passes: int = 2,
+    insert_time_limit_s: float = 60.0,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Fill one shard and one naive buffer with the same transitions; measure
@@ -226,6 +236,8 @@ def run_replay_benchmark(
         decode_threads: decode pool sizes of the gather path (1 = no pool).
         insert_passes: times every payload is re-inserted into the full shard
             for each insert-rate row.
+        insert_time_limit_s: an insert-rate row stops after this many seconds
+            (``time_limited`` in the row says it did), s.
 
     Returns:
         The JSON document (its keys in :data:`DESCRIPTION`).
@@ -240,6 +252,8 @@ def run_replay_benchmark(
         raise ValueError("decode_threads needs positive counts, e.g. 1,2")
     if insert_passes < 1 or sample_batches < 1:
         raise ValueError("insert_passes and sample_batches must be >= 1")
+    if insert_time_limit_s <= 0:
+        raise ValueError("insert_time_limit_s must be > 0")
     steps, source_note = make_transitions(
         transitions, episode_length, source, episodes_source, progress
     )
@@ -332,7 +346,9 @@ def run_replay_benchmark(
 
     inserts: list[dict[str, Any]] = []
     for sampling in INSERT_SAMPLING:
-        row = _insert_rate(shard, payloads * insert_passes, sampling, batch_size)
+        row = _insert_rate(
+            shard, payloads * insert_passes, sampling, batch_size, insert_time_limit_s
+        )
         inserts.append(row)
     alone = inserts[0]["insert_transitions_per_s"]
     for row in inserts:
@@ -439,11 +455,15 @@ def _compressed_shipping(
 
 
 def _insert_rate(
-    shard: ReplayShard, payloads: list[bytes], sampling: str | None, batch_size: int
+    shard: ReplayShard,
+    payloads: list[bytes],
+    sampling: str | None,
+    batch_size: int,
+    time_limit_s: float,
 ) -> dict[str, Any]:
     """Insert ``payloads`` into the (full) shard, timed, while one thread
     samples it in a loop with ``sampling`` (one of :data:`INSERT_SAMPLING`;
-    ``None``: no sampling)."""
+    ``None``: no sampling); stop inserting after ``time_limit_s``."""
     sample_once: Callable[[int], object] = shard.sample
     if sampling == "legacy":
         sample_once = shard._sample_legacy
@@ -467,11 +487,14 @@ def _insert_rate(
     if thread is not None:
         thread.start()
         started.wait()
-    steps = 0
+    steps = inserted = 0
     start = time.perf_counter()
-    for payload in payloads:
+    for payload in payloads:  # at least one, however short the limit
         steps += payload_steps(payload)
         shard.insert(payload)
+        inserted += 1
+        if time.perf_counter() - start > time_limit_s:
+            break
     elapsed = time.perf_counter() - start
     stop.set()
     if thread is not None:
@@ -480,6 +503,9 @@ def _insert_rate(
         raise errors[0]
     return {
         "sampling": sampling,
+        "inserted_transitions": steps,
+        "insert_seconds": elapsed,
+        "time_limited": inserted < len(payloads),
         "insert_transitions_per_s": steps / elapsed,
         "sample_batches_per_s": sampled[0] / elapsed,
     }
