@@ -27,8 +27,9 @@ from rollout_workers.worker import (
     env_kwargs_for,
     split_env_id,
 )
-from td3drive import CAR_RACING_PIXELS_ID, spec
+from td3drive import CAR_RACING_PIXELS_ID
 from td3drive.app.driver import TrainingRun
+from td3drive.contracts import spec
 from td3drive.contracts.config import ConfigError, LearnerConfig, RolloutConfig, config_from_dict
 from tests import pixel_env_fixture
 from tests.pixel_env_fixture import SquareEnv

@@ -230,11 +230,9 @@ def test_updates_of_evicted_transitions_are_skipped(ray_instance: None) -> None:
 
 
 # ------------------------------------------------------------ the learner actor
-@pytest.mark.parametrize("transport", ["decoded", "compressed"])
-def test_sample_transport_and_decode_threads_reach_the_learner_and_shards(
-    ray_instance: None, transport: str
-) -> None:
-    config = TD3DriveConfig(
+def small_learner_config(replay: ReplayConfig) -> TD3DriveConfig:
+    """A CPU learner with small networks over ``replay``."""
+    return TD3DriveConfig(
         learner=LearnerConfig(
             device="cpu",
             features_dim=32,
@@ -243,8 +241,17 @@ def test_sample_transport_and_decode_threads_reach_the_learner_and_shards(
             batch_size=BATCH,
             random_shift_pad=0,
         ),
-        replay=replay_config(sample_transport=transport, sample_decode_threads=2),
+        replay=replay,
         run=RunConfig(publish_every_updates=100),
+    )
+
+
+@pytest.mark.parametrize("transport", ["decoded", "compressed"])
+def test_sample_transport_and_decode_threads_reach_the_learner_and_shards(
+    ray_instance: None, transport: str
+) -> None:
+    config = small_learner_config(
+        replay_config(sample_transport=transport, sample_decode_threads=2)
     )
     shards = filled_shards(config.replay, chunks_per_shard=2)
     board = remote_weights_board_class().remote()
@@ -267,18 +274,7 @@ def test_sample_transport_and_decode_threads_reach_the_learner_and_shards(
 def test_learner_actor_moves_the_priorities_of_both_shards(
     ray_instance: None, prioritized: bool
 ) -> None:
-    config = TD3DriveConfig(
-        learner=LearnerConfig(
-            device="cpu",
-            features_dim=32,
-            actor_hidden=(32,),
-            critic_hidden=(32,),
-            batch_size=BATCH,
-            random_shift_pad=0,
-        ),
-        replay=replay_config(prioritized=prioritized),
-        run=RunConfig(publish_every_updates=100),
-    )
+    config = small_learner_config(replay_config(prioritized=prioritized))
     shards = filled_shards(config.replay, chunks_per_shard=2)
     board = remote_weights_board_class().remote()
     learner = remote_learner_actor_class(num_cpus=1).remote(config, shards, board)

@@ -283,7 +283,8 @@ def test_compressed_transport_gives_exactly_the_decoded_batches(
     for _ in range(2):
         shard_class = remote_shard_class(num_cpus=0)
         shards = [shard_class.remote(config, BATCH, index) for index in range(2)]
-        ray.get([s.insert.remote(p) for s in shards for p in data], timeout=HANG_S)
+        for payload in data:  # in order: concurrent inserts could land in any order
+            ray.get([s.insert.remote(payload) for s in shards], timeout=HANG_S)
         pairs.append(shards)
     decoded = ReplaySampler(pairs[0], BATCH, prefetch=1, timeout_s=HANG_S)
     compressed = ReplaySampler(

@@ -338,6 +338,7 @@ def compress_unchecked(chunk: Chunk) -> CompressedChunk:
 STATS_KEYS = {
     "shard",
     "pid",
+    "decode_threads",
     "size",
     "chunks",
     "bytes_held",
