@@ -1,8 +1,11 @@
-"""Shared fixtures: small random batches that satisfy the data contract."""
+"""Shared fixtures and helpers: small random batches that satisfy the data
+contract, and :func:`wait_until`, the one way tests wait for something."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,6 +15,28 @@ from td3drive.contracts.spec import Batch
 
 # Two cores on the development and CI machines; keep torch from oversubscribing.
 torch.set_num_threads(2)
+
+HANG_S = 600.0
+"""How long :func:`wait_until` waits by default, s: only a real hang gets there
+(CI machines are shared and noisy; a test never depends on their speed)."""
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    timeout_s: float = HANG_S,
+    poll_s: float = 0.05,
+) -> None:
+    """Poll ``condition`` every ``poll_s`` seconds until it is truthy.
+
+    Raises:
+        AssertionError: naming ``what``, when ``timeout_s`` passed first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout_s:g} s")
+        time.sleep(poll_s)
 
 
 def random_batch(size: int = 8, seed: int = 0, discount: float = 0.99) -> Batch:

@@ -255,6 +255,8 @@ def test_frame_buffer_times_out_with_a_typed_error() -> None:
     buffer = SensorFrameBuffer("front camera", address="127.0.0.1:2000")
     buffer.put(3, "three")
     start = time.monotonic()
+    # Frame 4 is never put, so the timeout is the only outcome however slow
+    # the machine: its length only sets how long the test takes.
     with pytest.raises(CarlaTimeoutError) as info:
         buffer.wait_for(4, timeout=0.05)
     assert time.monotonic() - start < 30.0  # returned, did not hang
@@ -530,6 +532,8 @@ def test_unreachable_server_fails_fast_with_a_typed_error() -> None:
 # ------------------------------------------------------------------ carla-check, no server
 def test_check_server_on_a_closed_port_reports_instead_of_raising() -> None:
     port = closed_port()
+    # Nothing listens there: refused or timed out, the report says unreachable
+    # whatever the machine's load, so the timeout only bounds the test's time.
     report = check_server("127.0.0.1", port, timeout_s=1.0)
     assert set(report) == set(REPORT_FIELDS)
     assert report["host"] == "127.0.0.1"
@@ -546,7 +550,7 @@ def test_check_server_on_a_closed_port_reports_instead_of_raising() -> None:
 
 
 def test_check_server_with_an_impossible_port_does_not_raise() -> None:
-    report = check_server("127.0.0.1", 70000, timeout_s=0.5)
+    report = check_server("127.0.0.1", 70000, timeout_s=0.5)  # invalid port: never reachable
     assert report["reachable"] is False
     assert report["error"]
 

@@ -40,6 +40,7 @@ from td3drive.app.prometheus import (
     RunMetrics,
 )
 from td3drive.contracts.config import CarlaConfig, ConfigError, RunConfig, load_config
+from tests.conftest import wait_until
 from tests.test_train import _prometheus_binary, _start_prometheus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -599,15 +600,6 @@ def _refused(port: int) -> bool:
         return client.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
-    """Poll ``predicate`` until true; the timeout is reached only by a real hang."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout:.0f} s: {what}")
-        time.sleep(0.2)
-
-
 def test_a_taken_port_is_a_one_line_config_error() -> None:
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
@@ -658,7 +650,7 @@ def test_close_lingers_then_releases_the_port() -> None:
     metrics.set_status("completed")
     closer = threading.Thread(target=endpoint.close, kwargs={"linger_s": 600.0})
     closer.start()
-    _wait_for(lambda: endpoint.lingering, "close() lingers")
+    wait_until(lambda: endpoint.lingering, "close() lingers")
     # Still served after the run ended, with its final status.
     (completed,) = [
         s for s in _scrape(port)["td3drive_run_status"] if s.labels["status"] == "completed"
@@ -720,7 +712,7 @@ def test_a_real_prometheus_sees_the_nan_gauge_of_a_run_that_stopped(tmp_path: Pa
     # The run has ended: close with a linger (long; cut short once Prometheus has seen it).
     closer = threading.Thread(target=endpoint.close, kwargs={"linger_s": 600.0})
     closer.start()
-    _wait_for(lambda: endpoint.lingering, "close() lingers")
+    wait_until(lambda: endpoint.lingering, "close() lingers")
 
     server, prometheus = _start_prometheus(tmp_path, endpoint.port, rule_files=[str(ALERTS)])
 
@@ -729,24 +721,24 @@ def test_a_real_prometheus_sees_the_nan_gauge_of_a_run_that_stopped(tmp_path: Pa
 
     try:
         gauge = 'td3drive_learner_non_finite_loss{job="td3drive"} == 1'
-        _wait_for(lambda: _prometheus_query(prometheus, gauge), "Prometheus sees the NaN gauge")
+        wait_until(lambda: _prometheus_query(prometheus, gauge), "Prometheus sees the NaN gauge")
         (series,) = _prometheus_query(prometheus, gauge)
         assert series["metric"]["run_id"] == "nan-run" and float(series["value"][1]) == 1.0
         (status,) = _prometheus_query(prometheus, 'td3drive_run_status{status="failed"} == 1')
         assert status["metric"]["run_id"] == "nan-run"
-        _wait_for(lambda: firing("TD3DriveNonFiniteLoss"), "TD3DriveNonFiniteLoss fires")
+        wait_until(lambda: firing("TD3DriveNonFiniteLoss"), "TD3DriveNonFiniteLoss fires")
         assert firing("TD3DriveNonFiniteLoss")[0]["metric"]["run_id"] == "nan-run"
-        _wait_for(lambda: firing("TD3DriveRunFailed"), "TD3DriveRunFailed fires")
+        wait_until(lambda: firing("TD3DriveRunFailed"), "TD3DriveRunFailed fires")
 
         endpoint.stop_lingering()  # the linger ends: the driver exits
         closer.join(timeout=120)
         assert endpoint.closed and _refused(endpoint.port)
         down = 'timestamp(up{job="td3drive"} == 0)'
-        _wait_for(lambda: _prometheus_query(prometheus, down), "Prometheus sees the target down")
+        wait_until(lambda: _prometheus_query(prometheus, down), "Prometheus sees the target down")
         went_down = float(_prometheus_query(prometheus, down)[0]["value"][1])
         # The alert outlives the endpoint (last_over_time in alerts.yml): its rule,
         # evaluated after the target went down, still fires.
-        _wait_for(
+        wait_until(
             lambda: _last_evaluation(prometheus, "TD3DriveNonFiniteLoss") > went_down,
             "the rules are evaluated after the target went down",
         )

@@ -13,8 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ray.util.state import list_actors
 
 from td3drive.app.driver import LEARNER_CHECKPOINT, STATE_FILE, TrainingError, TrainingRun
 from td3drive.contracts.config import config_from_dict
+from tests.conftest import wait_until
 from tests.test_train import free_port, tiny_config
 
 HANG_S = 600.0
@@ -46,14 +46,6 @@ def ray_with_state_api() -> Iterator[None]:
     )
     yield
     ray.shutdown()
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = HANG_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:g} s")
-        time.sleep(0.2)
 
 
 def actor_pid(handle: Any) -> int:

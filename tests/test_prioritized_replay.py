@@ -150,6 +150,8 @@ def test_priority_updates_in_flight_are_bounded_and_bad_errors_never_sent(
     ray_instance: None,
 ) -> None:
     held = HeldShard.remote()
+    # The held shard answers nothing until release(), so the wait below can only
+    # time out: 0.5 s is how long the test spends on it, not a race with work.
     sampler = ReplaySampler([held], 4, timeout_s=0.5, max_priority_batches_in_flight=1)
     sample = _sample(4, np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="NaN"):

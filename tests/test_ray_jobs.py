@@ -20,14 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
+from tests.conftest import wait_until
 from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -46,14 +45,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _wait(predicate: Any, what: str, timeout: float = HANG_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:g} s")
-        time.sleep(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         return _ray(["job", "list"], jobs_env, check=False).returncode == 0
 
     try:
-        _wait(answers, "the head node's job API", timeout=300)
+        wait_until(answers, "the head node's job API", timeout_s=HANG_S, poll_s=1.0)
         yield jobs_env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -167,7 +158,9 @@ def _submit(job: str, env: dict[str, str], *train_args: str) -> None:
 
 def _finished(job: str, env: dict[str, str]) -> str:
     terminal = {"SUCCEEDED", "FAILED", "STOPPED"}
-    _wait(lambda: _status(job, env) in terminal, f"job {job} finished")
+    wait_until(
+        lambda: _status(job, env) in terminal, f"job {job} finished", timeout_s=HANG_S, poll_s=1.0
+    )
     return _status(job, env)
 
 
@@ -200,7 +193,7 @@ def test_a_submitted_job_trains_stops_and_resumes(cluster: dict[str, str], tmp_p
             json.loads(line)["learner_updates"] > 0 for line in metrics.read_text().splitlines()
         )
 
-    _wait(progressed, "training progress in the job")
+    wait_until(progressed, "training progress in the job", timeout_s=HANG_S, poll_s=1.0)
     (run_dir,) = [path.parent for path in storage.glob("*/metrics.jsonl")]
     _ray(["job", "stop", "td3drive-first"], cluster)
     assert _finished("td3drive-first", cluster) == "STOPPED"

@@ -9,7 +9,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from rollout_workers.ray_actor import remote_weights_board_class
 from td3drive.bench.synthetic import SyntheticEpisode, chunked
 from td3drive.contracts.codec import encode
 from td3drive.contracts.config import LearnerConfig, ReplayConfig, RunConfig, TD3DriveConfig
+from tests.conftest import wait_until
 
 CHUNK = 16
 BATCH = 16
@@ -50,13 +51,6 @@ def payloads(count: int, first_episode: int = 0) -> list[bytes]:
         transitions = SyntheticEpisode(rng, episode, CHUNK, "truncated", 0).transitions()
         out += [encode(c) for c in chunked(transitions, CHUNK)]
     return out
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = HANG_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------ the typed error

@@ -9,7 +9,7 @@ reports (``waiting_inserts``, ``size``), with timeouts only a real hang reaches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,17 +26,11 @@ from buffer_service.ray_actor import (
 from td3drive.bench.synthetic import SyntheticEpisode, chunked
 from td3drive.contracts.codec import encode
 from td3drive.contracts.config import ReplayConfig
+from tests.conftest import wait_until
 
 CHUNK = 16
 BATCH = 32
 HANG_S = 60  # a wait that only a real hang reaches
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = HANG_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def stat(shard: Any, key: str) -> Any:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from buffer_service.storage import SampledBatch
 from td3drive.bench.synthetic import SyntheticEpisode, chunked
 from td3drive.contracts.codec import Chunk, CodecError, CompressedChunk, compress, encode, pack
 from td3drive.contracts.config import ReplayConfig
+from tests.conftest import wait_until
 
 CHUNK = 16
 
@@ -47,14 +46,6 @@ def make_shard(
     }
     config = ReplayConfig(**fields)
     return ReplayShard(config, batch_size=8, snapshot_dir=tmp_path, restarted=restarted)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    """Poll ``condition`` until it holds; only a real hang reaches the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def contents(shard: ReplayShard) -> list[bytes]:

@@ -27,6 +27,7 @@ import yaml
 from learner.td3 import TD3Learner, load_checkpoint
 from td3drive.app.driver import LEARNER_CHECKPOINT, TrainingError, TrainingRun
 from td3drive.contracts.config import TD3DriveConfig, config_from_dict
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,21 +387,13 @@ def run_in_thread(run: TrainingRun) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, outcome
 
 
-def wait_until(predicate: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.5)
-
-
 def test_a_killed_worker_is_restarted_and_the_run_finishes(
     ray_instance: None, tmp_path: Path
 ) -> None:
     config = config_from_dict(tiny_config(run={"total_env_steps": 600}))
     run = TrainingRun(config, tmp_path / "run", log_line=lambda _: None)
     thread, outcome = run_in_thread(run)
-    wait_until(lambda: run.progress.env_steps >= 64)
+    wait_until(lambda: run.progress.env_steps >= 64, "64 env steps", poll_s=0.5)
     ray.kill(run.workers[0], no_restart=False)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
@@ -414,7 +407,11 @@ def test_a_killed_shard_comes_back_from_its_snapshot(ray_instance: None, tmp_pat
     run = TrainingRun(config, tmp_path / "run", log_line=lambda _: None)
     thread, outcome = run_in_thread(run)
     snapshot_dir = tmp_path / "run" / "checkpoints/replay/shard-0"
-    wait_until(lambda: run.progress.learner_updates >= 25 and any(snapshot_dir.glob("*.done")))
+    wait_until(
+        lambda: run.progress.learner_updates >= 25 and any(snapshot_dir.glob("*.done")),
+        "25 updates and a replay snapshot",
+        poll_s=0.5,
+    )
     ray.kill(run.shards[0], no_restart=False)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
