@@ -110,8 +110,7 @@ class LearnerActor:
         if not isinstance(config, TD3DriveConfig):
             config = config_from_dict(dict(config), source="learner actor config")
         self.config = config
-        threads = config.run.learner_torch_threads or max(1, int(config.run.learner_num_cpus))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(config.run.learner_threads())
         self.generation = generation
         found = False
         if checkpoint_path:

@@ -67,6 +67,7 @@ from td3drive.contracts.config import (
     RolloutConfig,
     TD3DriveConfig,
     carla_for_worker,
+    split_env_id,
 )
 from td3drive.contracts.networks import load_policy_weights, policy_for
 from td3drive.contracts.spec import Transition
@@ -179,17 +180,6 @@ def env_kwargs_for(config: TD3DriveConfig, worker_index: int) -> dict[str, Any]:
     for section in TASK_SECTION_ENVS.get(split_env_id(config.rollout.env_id)[1], ()):
         kwargs[section] = getattr(config, section).model_dump()
     return worker_env_kwargs(kwargs, worker_index)
-
-
-def split_env_id(env_id: str) -> tuple[str | None, str]:
-    """``"module:EnvId"`` → ``("module", "EnvId")``; ``"EnvId"`` → ``(None, "EnvId")``.
-
-    gymnasium's own reading of an id (``gymnasium.make`` imports ``module``,
-    which registers ``EnvId``, then makes ``EnvId``); config validation
-    allows at most one ``:``.
-    """
-    module, sep, name = env_id.partition(":")
-    return (module, name) if sep else (None, env_id)
 
 
 def check_spaces(env: gym.Env, env_id: str) -> None:

@@ -553,3 +553,25 @@ def test_actors_elsewhere_write_to_one_file_uri_and_resume_from_it(
         assert values == sorted(values), f"{key} went backwards: {values}"
     assert _artefacts(actor_cwd) == []
     assert all("runtime_resources" not in line for line in lines if "warning" in line)
+
+
+def test_resume_drops_metrics_lines_after_the_checkpoint_and_cut_short_ones(
+    tmp_path: Path,
+) -> None:
+    # A driver killed mid-append (or a full disk) can leave a last line that
+    # is not JSON; the resume must drop it with the lines after the
+    # checkpoint instead of failing on it.
+    run = TrainingRun(config_from_dict(tiny_config()), tmp_path / "run")
+    run.progress.env_steps, run.progress.learner_updates = 100, 10
+    lines = [
+        {"env_steps": 50, "learner_updates": 5},
+        {"env_steps": 100, "learner_updates": 10},
+        {"env_steps": 150, "learner_updates": 15},  # after the checkpoint
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"env_steps": 1'
+    run.storage.write_text("metrics.jsonl", text)
+    run.storage.write_text("eval.jsonl", json.dumps(lines[0]) + "\n[1, 2]\n")
+    run._forget_after_checkpoint()
+    kept = [json.loads(line) for line in run.storage.read_text("metrics.jsonl").splitlines()]
+    assert kept == lines[:2]
+    assert run.storage.read_text("eval.jsonl") == json.dumps(lines[0]) + "\n"

@@ -206,7 +206,12 @@ class CarlaConnection:
         return world
 
     def configure_world(self) -> None:
-        """Synchronous mode with the fixed step, the Traffic Manager in sync mode, one tick."""
+        """Synchronous mode with the fixed step, the Traffic Manager in sync mode, one tick.
+
+        Raises:
+            RuntimeError: the server refused a request (the carla client's error).
+            CarlaTimeoutError: the tick did not come back in time.
+        """
         cfg = self.config
         world = self.world
         if self.original_settings is None:  # keep the first: later ones are ours

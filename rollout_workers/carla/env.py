@@ -97,10 +97,10 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             "render_modes": ["rgb_array"],
             "render_fps": round(1.0 / self.carla_config.fixed_delta_seconds),
         }
-        self.address = f"{self.carla_config.host}:{self.carla_config.port}"
         self.off_route_m = 4.0 * self.task_config.lane_half_width_m
 
         self._connection = CarlaConnection(self.carla_config)
+        self.address = self._connection.address
         self._registry = ActorRegistry()
         self._sensors = EgoSensors(self.address)
         self._vehicle: Any = None
@@ -109,15 +109,6 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._episode = EpisodeScorer(self.task_config)
         self._episode_over = True
         self._seeded = False
-
-    @property
-    def server_version(self) -> str | None:
-        """The server's version string once connected, else ``None``."""
-        return self._connection.server_version
-
-    @server_version.setter
-    def server_version(self, value: str | None) -> None:
-        self._connection.server_version = value
 
     # ---------------------------------------------------------------- gymnasium API
     def reset(
@@ -187,14 +178,15 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             raise
 
         reward, end = self._episode.score(state, action)
-        obs = self._observer.observe(bgra, state, push=True)
+        full = driving_task.full_vector(state, self.task_config)
+        obs = self._observer.observe(bgra, full, push=True)
         info: dict[str, Any] = {
             "reward_components": reward.as_dict(),
             "frame": frame,
             "end_reason": end.reason,
             "route_completion": state.route_completion,
             "speed_mps": state.speed,
-            "privileged_vector": driving_task.full_vector(state, self.task_config),
+            "privileged_vector": full,
         }
         if end.terminated or end.truncated:
             info["episode_metrics"] = self._episode.tracker.metrics()
@@ -261,13 +253,14 @@ class CarlaEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
                 raise
             raise self._connection.translate(exc, "reset") from exc
         self._episode = EpisodeScorer(self.task_config)
-        obs = self._observer.observe(bgra, state, push=False)
+        full = driving_task.full_vector(state, self.task_config)
+        obs = self._observer.observe(bgra, full, push=False)
         assert self._route is not None
         info = {
             "frame": frame,
             "spawn_point": spawn_index,
             "route_length_m": self._route.goal_m,
-            "privileged_vector": driving_task.full_vector(state, self.task_config),
+            "privileged_vector": full,
         }
         return obs, info
 

@@ -103,13 +103,13 @@ class CameraObserver:
         self.frames = driving_task.FrameStack()
         self.last_bgra: np.ndarray | None = None
 
-    def observe(
-        self, bgra: np.ndarray, state: driving_task.DrivingState, push: bool
-    ) -> dict[str, np.ndarray]:
+    def observe(self, bgra: np.ndarray, full: np.ndarray, push: bool) -> dict[str, np.ndarray]:
         """``{"image": uint8[4, 84, 84], "vector": float32[23]}`` from a BGRA
-        camera frame and ``state``; ``push=False`` starts a new frame stack
-        (the first frame repeated)."""
+        camera frame ``uint8[H, W, 4]`` and the step's
+        :func:`driving_task.full_vector` ``float32[23]`` (the vector is what
+        the policy observes of it, a copy); ``push=False`` starts a new frame
+        stack (the first frame repeated)."""
         self.last_bgra = bgra
         gray = driving_task.to_grayscale(bgra, channel_order="BGRA")
         image = self.frames.push(gray) if push else self.frames.reset(gray)
-        return {"image": image, "vector": driving_task.build_vector(state, self.task_config)}
+        return {"image": image, "vector": driving_task.observed_vector(full, self.task_config)}

@@ -28,7 +28,11 @@ class ActorRegistry:
         self._actors: list[tuple[ActorKind, Any]] = []
 
     def add(self, actor: Any, kind: ActorKind) -> Any:
-        """Record ``actor`` (returned unchanged); ``kind`` is sensor, vehicle or npc."""
+        """Record ``actor`` (returned unchanged); ``kind`` is sensor, vehicle or npc.
+
+        Raises:
+            ValueError: another ``kind``.
+        """
         if kind not in ("sensor", "vehicle", "npc"):
             raise ValueError(f"unknown actor kind {kind!r}")
         self._actors.append((kind, actor))

@@ -72,6 +72,9 @@ class RouteTracker:
     (``ROUTE_SEARCH_BEHIND_M`` behind, ``ROUTE_SEARCH_AHEAD_M`` ahead), so
     driving backwards decreases ``s`` and a route that crosses itself does not
     jump ahead.
+
+    Raises:
+        ValueError: ``points_xy`` is not ``[N, 2]`` or has fewer than 2 distinct points.
     """
 
     def __init__(self, points_xy: np.ndarray, goal_m: float) -> None:

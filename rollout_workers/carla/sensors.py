@@ -60,6 +60,9 @@ class SensorFrameBuffer:
         label: names the sensor (and server) in time-out messages.
         max_pending: frames kept at most.
         address: ``host:port`` for :class:`CarlaTimeoutError`.
+
+    Raises:
+        ValueError: ``max_pending < 1``.
     """
 
     def __init__(self, label: str = "sensor", max_pending: int = 16, address: str = "") -> None:

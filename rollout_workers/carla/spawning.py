@@ -129,9 +129,7 @@ def ego_blueprint(world: Any, address: str) -> Any:
     try:
         blueprint = library.find(EGO_BLUEPRINT)
     except (IndexError, RuntimeError):
-        cars = sorted(
-            (b for b in library.filter("vehicle.*") if _wheels(b) == 4), key=lambda b: b.id
-        )
+        cars = _four_wheelers(library)
         if not cars:
             raise CarlaSpawnError(f"{address}: no 4-wheeled vehicle blueprint") from None
         blueprint = cars[0]
@@ -210,9 +208,7 @@ def spawn_npcs(
         return
     world = connection.world
     library = world.get_blueprint_library()
-    blueprints = sorted(
-        (b for b in library.filter("vehicle.*") if _wheels(b) == 4), key=lambda b: b.id
-    )
+    blueprints = _four_wheelers(library)
     spawn_points = connection.map.get_spawn_points()
     candidates = [i for i in rng.permutation(len(spawn_points)) if i != exclude]
     tm_port = connection.config.tm_port
@@ -231,6 +227,11 @@ def spawn_npcs(
         spawned += 1
     if spawned < count:
         logger.warning("%s: spawned %d of %d NPC vehicles", connection.address, spawned, count)
+
+
+def _four_wheelers(library: Any) -> list[Any]:
+    """The library's 4-wheeled vehicle blueprints, sorted by id (seeded picks stay stable)."""
+    return sorted((b for b in library.filter("vehicle.*") if _wheels(b) == 4), key=lambda b: b.id)
 
 
 def _wheels(blueprint: Any) -> int:

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = benches.add_parser(
             name, help=module.HELP, description=module.DESCRIPTION, formatter_class=formatter
         )
+        sub.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
         module.add_arguments(sub)
         sub.set_defaults(handler=_bench)
 
@@ -297,6 +298,7 @@ def _train(args: argparse.Namespace) -> int:
     import logging
 
     from td3drive.app.driver import (
+        CONFIG_FILE,
         LiveDisplay,
         TrainingError,
         TrainingRun,
@@ -317,7 +319,7 @@ def _train(args: argparse.Namespace) -> int:
         config_from_dict,
         load_config,
     )
-    from td3drive.contracts.storage import StorageError, resolve_location
+    from td3drive.contracts.storage import StorageError, join_location, resolve_location
 
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides)
@@ -334,7 +336,9 @@ def _train(args: argparse.Namespace) -> int:
             if overrides:
                 raw = config.model_dump(mode="json")
                 apply_overrides(raw, overrides)
-                config = config_from_dict(raw, source=f"{run_dir}/config.yaml + --set")
+                config = config_from_dict(
+                    raw, source=f"{join_location(run_dir, CONFIG_FILE)} + --set"
+                )
             check_resume_checkpoint(run_dir, config)
             check_metrics_port(config.run.metrics_port)
         else:

@@ -69,7 +69,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from td3drive.app.prometheus import MetricsEndpoint, RunMetrics
 from td3drive.contracts import metric_names as M
-from td3drive.contracts.atomic_file import atomic_write
 from td3drive.contracts.config import ConfigError, TD3DriveConfig, config_from_dict
 from td3drive.contracts.storage import (
     RunStorage,
@@ -227,6 +226,10 @@ class TrainingRun:
         log_line: where progress lines go (a TTY display or a logger).
         on_report: called with each metrics line instead of logging it (a
             live display).
+
+    Raises:
+        td3drive.contracts.storage.StorageError: the location cannot be opened
+            (an unknown URI scheme, an empty location, unreachable storage).
     """
 
     def __init__(
@@ -241,10 +244,6 @@ class TrainingRun:
         if not isinstance(run_dir, RunStorage):
             run_dir = RunStorage(resolve_run_dir(run_dir, config.run.storage_path))
         self.storage = run_dir
-        # What messages and summary.json name: the absolute path or the URI.
-        self.location = self.storage.display
-        # The local directory (a Path) when the storage is local, else the URI.
-        self.run_dir: Path | str = self.storage.local_path or self.storage.display
         self.resume = resume
         self.log_line = log_line or log.info
         self.on_report = on_report
@@ -310,8 +309,26 @@ class TrainingRun:
             self._forget_after_checkpoint()
         self.progress.launches += 1
 
+    @property
+    def location(self) -> str:
+        """What messages and ``summary.json`` name: the absolute path or the URI."""
+        return self.storage.display
+
+    @property
+    def run_dir(self) -> Path | str:
+        """The local run directory when the storage is local, else the URI."""
+        return self.storage.local_path or self.storage.display
+
     def _before_checkpoint(self, line: str) -> bool:
-        record = json.loads(line)
+        """Whether a metrics/eval line was written at or before the last
+        checkpoint; a line that does not parse (an append cut short by a kill
+        or a full disk) is not."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(record, dict):
+            return False
         return bool(
             record.get("env_steps", 0) <= self.progress.env_steps
             and record.get("learner_updates", 0) <= self.progress.learner_updates
@@ -1180,8 +1197,10 @@ class TrainingRun:
             "eval": evaluation or {"episodes": 0},
             "run_dir": self.location,  # absolute path or URI
         }
+        # The metrics lines an object store holds are uploaded by run()'s
+        # finally, after every summary (a failed upload here would hide the
+        # error a failed run is about to raise).
         self.storage.write_text(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        self.storage.flush()
         return summary
 
 
@@ -1203,11 +1222,6 @@ SHARD_LINE_KEYS = (
 
 def _shard_line(stats: dict[str, Any]) -> dict[str, Any]:
     return {key: stats[key] for key in SHARD_LINE_KEYS if key in stats}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (a kill mid-write leaves the old file)."""
-    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _actor_error(exc: BaseException) -> str:
@@ -1257,8 +1271,9 @@ def closing_lines(summary: dict[str, Any], run_dir: str | Path | RunStorage) -> 
     lines += [
         f"train further: td3drive train --resume {location} --total-env-steps {budget * 4}",
         f"summary: {join_location(location, SUMMARY_FILE)}",
-        f"plots: td3drive report {local if local is not None else location}",
     ]
+    if local is not None:  # td3drive report reads a local run directory only
+        lines.append(f"plots: td3drive report {local}")
     return lines
 
 

@@ -93,6 +93,9 @@ class ReferenceTD3:
         self.step = 0
 
     def update(self, batch: Batch) -> None:
+        """One TD3 update on ``batch`` (images ``uint8[B, 4, 84, 84]``): the
+        critic step, and every ``policy_delay``-th call the actor step and the
+        Polyak update; no validation, clipping or metrics."""
         import torch
         import torch.nn.functional as F
 
@@ -176,10 +179,8 @@ COMPILE_WARMUP = 3
 
 
 def learner_torch_threads(run: RunConfig) -> int:
-    """torch intra-op threads of the learner actor: ``run.learner_torch_threads``,
-    else ``run.learner_num_cpus`` rounded down, at least 1 (the rule of
-    :class:`learner.ray_actor.LearnerActor`)."""
-    return run.learner_torch_threads or max(1, int(run.learner_num_cpus))
+    """torch intra-op threads of the learner actor (:meth:`RunConfig.learner_threads`)."""
+    return run.learner_threads()
 
 
 HELP = (
@@ -200,7 +201,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``td3drive bench learner``."""
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="torch device"
     )

@@ -216,7 +216,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("deploy/local.yaml"),
         help="base configuration (the default run)",
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
     parser.add_argument(
         "--env-steps",
         type=positive_int,

@@ -39,7 +39,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +71,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``td3drive bench pipeline``."""
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--shards",
         type=positive_int_list,
@@ -237,9 +235,10 @@ def run_pipeline_benchmark(
             shards = [shard_class.remote(config, batch_size, i) for i in range(count)]
             ray.get([shard.insert.remote(p) for shard in shards for p in payloads])
             progress(f"{count} shard(s) filled with {len(steps)} transitions each")
+            decoded_bytes = batch_size * _shipped_per_row(shards, "sample")
             shipped = {
-                "size-then-sample": batch_size * _shipped_per_row(shards, "sample"),
-                "pipelined": batch_size * _shipped_per_row(shards, "sample"),
+                "size-then-sample": decoded_bytes,
+                "pipelined": decoded_bytes,
                 "compressed": batch_size * _shipped_per_row(shards, "sample_compressed"),
             }
             for name in SAMPLERS:

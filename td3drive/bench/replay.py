@@ -32,7 +32,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,7 +79,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``td3drive bench replay``."""
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--source",
         choices=SOURCES,
@@ -168,6 +166,7 @@ class NaiveReplay:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the buffer's arrays take (its full capacity, allocated up front)."""
         arrays = (
             self.obs_image,
             self.next_obs_image,
@@ -180,6 +179,8 @@ class NaiveReplay:
         return sum(a.nbytes for a in arrays)
 
     def add(self, step: Transition, gamma: float = 0.99) -> None:
+        """Store one transition (1-step, ``discount = 0`` if terminated else
+        ``gamma``), overwriting the oldest when full."""
         i = self.position
         self.obs_image[i] = step.obs["image"]
         self.next_obs_image[i] = step.next_obs["image"]
@@ -192,6 +193,12 @@ class NaiveReplay:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int) -> Batch:
+        """``batch_size`` transitions drawn uniformly with replacement, as a
+        :class:`Batch` (images ``uint8[B, 4, 84, 84]``, vectors ``float32[B, 23]``).
+
+        Raises:
+            ValueError: the buffer is empty.
+        """
         index = self._rng.integers(0, self.size, size=batch_size)
         return Batch(
             obs_image=self.obs_image[index],

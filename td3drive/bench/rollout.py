@@ -18,12 +18,11 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from td3drive.app.arguments import positive_int
+from td3drive.app.arguments import positive_int, positive_int_list
 
 Progress = Callable[[str], None]
 
@@ -38,10 +37,9 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``td3drive bench rollout``."""
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--workers",
-        type=lambda text: [int(x) for x in text.split(",")],
+        type=positive_int_list,
         default=[1, 2],
         metavar="N,M",
         help="comma-separated worker counts",

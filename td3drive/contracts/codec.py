@@ -301,6 +301,11 @@ def frame_blocks(
     """Where frame ``frame_index[i]`` of ``chunks[chunk_index[i]]`` lies in
     that chunk's ``frame_data``.
 
+    Args:
+        chunks: the chunks.
+        chunk_index: ``int[N]``, indices into ``chunks``, ``≥ 0``.
+        frame_index: ``int[N]``, ``0 ≤ frame_index[i] < T + 4`` of that chunk.
+
     Returns:
         ``(starts int64[N], ends int64[N])``, byte offsets.
 
@@ -311,8 +316,8 @@ def frame_blocks(
     frame_index = np.asarray(frame_index, dtype=np.int64)
     if chunk_index.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if frame_index.min() < 0:
-        raise IndexError("negative frame index")
+    if frame_index.min() < 0 or chunk_index.min() < 0:
+        raise IndexError("negative chunk or frame index")
     # Every chunk's offset table, end to end: chunk c's starts at table_base[c].
     tables = [c.frame_offsets for c in chunks]
     table_size = np.asarray([t.shape[0] for t in tables], dtype=np.int64)
@@ -332,7 +337,6 @@ def decompress_blocks(
     ends: np.ndarray,
     pool: Executor | None = None,
     parts: int = 1,
-    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decompress LZ4 frame blocks: row ``i`` of the result is the block
     ``sources[source_index[i]][starts[i]:ends[i]]``, decompressed straight
@@ -344,20 +348,16 @@ def decompress_blocks(
         starts, ends: ``int[N]`` byte offsets of each block in its source.
         pool: threads to decompress on; ``None`` decompresses in this thread.
         parts: slices to split the work into (``≥ 1``; only used with ``pool``).
-        out: ``uint8[N, 84, 84]`` C-contiguous array to fill; ``None`` allocates one.
 
     Returns:
-        ``out``: ``uint8[N, 84, 84]``.
+        ``uint8[N, 84, 84]``.
 
     Raises:
         lz4.block.LZ4BlockError: a block that is not valid LZ4.
         ValueError: a block that does not decompress to 84×84 bytes.
     """
     count = int(np.asarray(source_index).shape[0])
-    if out is None:
-        out = np.empty((count, *_FRAME_SHAPE), dtype=np.uint8)
-    if out.shape != (count, *_FRAME_SHAPE) or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8[{count}, 84, 84], got {out.dtype}{list(out.shape)}")
+    out = np.empty((count, *_FRAME_SHAPE), dtype=np.uint8)
     if count == 0:
         return out
     views = [memoryview(source) for source in sources]

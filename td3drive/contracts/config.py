@@ -395,10 +395,10 @@ class RolloutConfig(_Section):
 
     @model_validator(mode="after")
     def _check_env_id(self) -> RolloutConfig:
-        module, sep, name = self.env_id.partition(":")
-        if not sep:
-            module, name = "", self.env_id
-        bad_module = sep and not all(part.isidentifier() for part in module.split("."))
+        module, name = split_env_id(self.env_id)
+        bad_module = module is not None and not all(
+            part.isidentifier() for part in module.split(".")
+        )
         bad_name = not name or any(not (c.isalnum() or c in "_-./") for c in name)
         if bad_module or bad_name or name.count("/") > 1:
             raise ValueError(
@@ -406,6 +406,17 @@ class RolloutConfig(_Section):
                 "(module: a dotted Python module path; EnvId: [namespace/]Name[-vN])"
             )
         return self
+
+
+def split_env_id(env_id: str) -> tuple[str | None, str]:
+    """``"module:EnvId"`` → ``("module", "EnvId")``; ``"EnvId"`` → ``(None, "EnvId")``.
+
+    gymnasium's own reading of an id (``gymnasium.make`` imports ``module``,
+    which registers ``EnvId``, then makes ``EnvId``); :class:`RolloutConfig`
+    allows at most one ``:``.
+    """
+    module, sep, name = env_id.partition(":")
+    return (module, name) if sep else (None, env_id)
 
 
 class RunConfig(_Section):
@@ -519,6 +530,11 @@ class RunConfig(_Section):
         "autoscaler that does not scale, a CARLA server that does not answer). 10 min covers "
         "an autoscaler adding a node and pulling the image.",
     )
+
+    def learner_threads(self) -> int:
+        """torch intra-op threads the learner actor sets: ``learner_torch_threads``,
+        else ``learner_num_cpus`` rounded down, at least 1."""
+        return self.learner_torch_threads or max(1, int(self.learner_num_cpus))
 
 
 class TD3DriveConfig(_Section):

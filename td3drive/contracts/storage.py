@@ -339,7 +339,12 @@ class RunStorage:
 
     def path(self, relative: str = "") -> str:
         """The location of ``relative`` (absolute path or URI), for messages
-        and for the actors that open it."""
+        and for the actors that open it.
+
+        Raises:
+            ValueError: ``relative`` is absolute or holds ``..`` (every method
+                taking a relative path checks it so).
+        """
         rel = _relative(relative)
         if self._filesystem is not None:
             return join_location(self.display, rel)
