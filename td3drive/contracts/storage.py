@@ -316,13 +316,6 @@ class RunStorage:
         return self.location
 
     @property
-    def uri(self) -> str:
-        """The location as a URI (``file:///...`` for a local path)."""
-        if not is_uri(self.display):
-            return Path(self.location).as_uri()
-        return self.display
-
-    @property
     def local_path(self) -> Path | None:
         """The directory's local path when the filesystem is local, else ``None``."""
         return Path(self._root) if self.is_local else None
